@@ -28,7 +28,8 @@ def attention_distribution(
             raise ValueError(f"attention logits must have one channel, got {tuple(logits.shape)}")
         logits = logits[:, 0]
     if logits.dim() != 3:
-        raise ValueError(f"attention logits must be (B,1,h,w) or (B,h,w), got {tuple(logits.shape)}")
+        shape = tuple(logits.shape)
+        raise ValueError(f"attention logits must be (B,1,h,w) or (B,h,w), got {shape}")
     flat = logits.flatten(1)
     if mask is None:
         probs = torch.softmax(flat, dim=1)

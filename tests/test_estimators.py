@@ -44,8 +44,9 @@ def _problem(seed: int, b: int, k: int, d: int, peak: float):
     return logits, feats, g
 
 
-def _exact_and_expected(mode: str, replacement: bool, *, seed=0, b=2, k=4, n=3, d=3, peak=1.0,
-                        mask=None, smoothing=0.0):
+def _exact_and_expected(
+    mode: str, replacement: bool, *, seed=0, b=2, k=4, n=3, d=3, peak=1.0, mask=None, smoothing=0.0
+):
     logits, feats, g = _problem(seed, b, k, d, peak)
     probs = attention_distribution(logits, mask, smoothing)
     true_value = torch.einsum("bk,bkd->bd", probs, feats)
@@ -75,8 +76,9 @@ UNBIASED = [("with_replacement", True), ("without_replacement", False)]
 
 
 @pytest.mark.parametrize(("mode", "replacement"), UNBIASED)
-@pytest.mark.parametrize(("k", "n", "peak"), [(4, 1, 1.0), (4, 2, 1.0), (4, 3, 1.0), (5, 3, 4.0),
-                                              (5, 4, 3.0)])
+@pytest.mark.parametrize(
+    ("k", "n", "peak"), [(4, 1, 1.0), (4, 2, 1.0), (4, 3, 1.0), (5, 3, 4.0), (5, 4, 3.0)]
+)
 def test_estimator_exactly_unbiased(mode, replacement, k, n, peak):
     (value, gf, gl), (tv, tgf, tgl) = _exact_and_expected(mode, replacement, k=k, n=n, peak=peak)
     torch.testing.assert_close(value, tv, atol=1e-10, rtol=0)
@@ -119,8 +121,11 @@ def test_pytorch_port_inclusive_cumsum_biases_feature_gradient():
         a = probs.gather(1, idx)
         f = feats.detach()[:, list(q)]
         m_inclusive = 1 - torch.cumsum(a, 1)
-        est = (torch.cumsum(a.unsqueeze(-1) * f, 1) - a.unsqueeze(-1) * f
-               + m_inclusive.unsqueeze(-1) * f).mean(1)
+        est = (
+            torch.cumsum(a.unsqueeze(-1) * f, 1)
+            - a.unsqueeze(-1) * f
+            + m_inclusive.unsqueeze(-1) * f
+        ).mean(1)
         value += _sample_prob(probs, q, False).unsqueeze(-1) * est
     true = probs @ feats.detach()[0]
     assert (value - true).abs().max() > 1e-3

@@ -86,5 +86,5 @@ def test_attention_distribution_mask_and_smoothing():
 
 def test_entropy_regulariser_value():
     probs = torch.tensor([[0.5, 0.5], [1.0, 0.0]])
-    expected = (2 * 0.5 * torch.log(torch.tensor(0.5 + 1e-6)) + torch.log(torch.tensor(1 + 1e-6)))
+    expected = 2 * 0.5 * torch.log(torch.tensor(0.5 + 1e-6)) + torch.log(torch.tensor(1 + 1e-6))
     torch.testing.assert_close(entropy_regulariser(probs), expected / 2)
