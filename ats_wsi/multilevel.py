@@ -12,12 +12,18 @@ for the gradients of every level (checked by enumeration in ``tests/test_multile
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
-from torch import Tensor
+import torch
+from torch import Tensor, nn
 
+from ats_wsi.attention import attention_distribution
 from ats_wsi.estimators import expectation
+from ats_wsi.mapping import GridMapping
+from ats_wsi.patches import PatchSource
+from ats_wsi.sampling import sample
 
-__all__ = ["nested_expectation"]
+__all__ = ["MultiLevelATSModel", "MultiLevelOutput", "nested_expectation"]
 
 
 def nested_expectation(
@@ -48,3 +54,115 @@ def nested_expectation(
         est = est.view(-1, n, est.shape[-1])
         est = expectation(probs[level], est, indices[level], modes[level])
     return est
+
+
+@dataclass
+class MultiLevelOutput:
+    """What a nested forward pass looked at, level by level (level 0 is the coarsest).
+
+    ``probs[l]``, ``indices[l]`` and ``locations[l]`` have one row per box sampled at the levels
+    above (row-major); ``locations[l]`` are top-left corners in the pixel frame of
+    ``sources[l]``.
+    """
+
+    logits: Tensor
+    probs: list[Tensor]
+    indices: list[Tensor]
+    locations: list[Tensor]
+    attention_shapes: list[tuple[int, int]]
+    patches: Tensor
+    features: Tensor
+
+
+class MultiLevelATSModel(nn.Module):
+    """Zoom-in attention sampling: one attention network per level, one feature network.
+
+    ``sources[l]`` supplies the boxes sampled at level ``l``: the region views that level
+    ``l + 1`` attends over, and, for the last level, the patches for the feature network. All
+    sources describe the same image; their frames may differ in scale (tensors at several
+    resolutions) or coincide (slides, where every frame is level-0 baseline pixels).
+    """
+
+    def __init__(
+        self,
+        attention_nets: Sequence[nn.Module],
+        feature_net: nn.Module,
+        num_classes: int,
+        n_samples: Sequence[int],
+        sampler: str = "without_replacement",
+        smoothing: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if len(attention_nets) != len(n_samples) or not attention_nets:
+            raise ValueError("need one attention network and one sample count per level")
+        self.attention_nets = nn.ModuleList(attention_nets)
+        self.feature_net = feature_net
+        self.head = nn.Linear(feature_net.out_dim, num_classes)
+        self.n_samples = list(n_samples)
+        self.sampler = sampler
+        self.smoothing = smoothing
+
+    def forward(
+        self,
+        x_low: Tensor,
+        sources: Sequence[PatchSource],
+        mask: Tensor | None = None,
+        *,
+        sampler: str | None = None,
+        generator: torch.Generator | None = None,
+    ) -> MultiLevelOutput:
+        if len(sources) != len(self.attention_nets):
+            raise ValueError(f"need {len(self.attention_nets)} sources, got {len(sources)}")
+        mode = sampler or self.sampler
+        batch = x_low.shape[0]
+        view = x_low
+        offset = torch.zeros(batch, 1, 2, dtype=torch.long, device=x_low.device)
+        extent = tuple(sources[0].shape)
+        probs_all, idx_all, locs_all, shapes = [], [], [], []
+        for level, (net, n, src) in enumerate(
+            zip(self.attention_nets, self.n_samples, sources, strict=True)
+        ):
+            logits = net(view)
+            probs = attention_distribution(logits, mask if level == 0 else None, self.smoothing)
+            allowed = int((probs > 0).sum(dim=1).min())
+            idx = sample(
+                probs, n if mode == "with_replacement" else min(n, allowed), mode, generator
+            )
+            mapping = GridMapping(
+                low_size=tuple(view.shape[-2:]),
+                high_size=extent,
+                attention_size=tuple(logits.shape[-2:]),
+                receptive_field=net.receptive_field,
+                patch_size=src.patch_size,
+            )
+            top_left = mapping.top_left(idx) + offset
+            boxes = src.extract(top_left.reshape(batch, -1, 2))
+            boxes = boxes.reshape(-1, *boxes.shape[2:])  # (rows * n, C, p, p)
+            probs_all.append(probs)
+            idx_all.append(idx)
+            locs_all.append(top_left)
+            shapes.append(tuple(logits.shape[-2:]))
+            if level + 1 < len(sources):
+                # Boxes of this level become the views of the next, in the next source's frame.
+                nxt = sources[level + 1].shape
+                scale = torch.tensor(
+                    [nxt[0] / src.shape[0], nxt[1] / src.shape[1]], device=x_low.device
+                )
+                offset = torch.round(top_left.reshape(-1, 1, 2) * scale).long()
+                extent = (
+                    round(src.patch_size * scale[0].item()),
+                    round(src.patch_size * scale[1].item()),
+                )
+                view = boxes
+        feats = self.feature_net(boxes).view(idx_all[-1].shape[0], idx_all[-1].shape[1], -1)
+        # Samplers and estimators share names, so the sampler picks its estimator.
+        est = nested_expectation(probs_all, feats, idx_all, mode)
+        return MultiLevelOutput(
+            logits=self.head(est),
+            probs=probs_all,
+            indices=idx_all,
+            locations=locs_all,
+            attention_shapes=shapes,
+            patches=boxes,
+            features=feats,
+        )

@@ -83,3 +83,65 @@ def test_two_level_estimator_exactly_unbiased(modes, replacement):
 def test_nested_expectation_validates_levels():
     with pytest.raises(ValueError, match="one entry per level"):
         nested_expectation([torch.ones(1, 2) / 2], torch.zeros(1, 1, 3), [], "with_replacement")
+
+
+def _two_level_model(seed: int = 0):
+    from ats_wsi.multilevel import MultiLevelATSModel
+    from ats_wsi.nets import build_attention_net, build_feature_net
+
+    torch.manual_seed(seed)
+    nets = [build_attention_net("mnist", in_channels=1) for _ in range(2)]
+    feat = build_feature_net("mnist", in_channels=1, width=8)
+    return MultiLevelATSModel(nets, feat, num_classes=3, n_samples=[2, 3])
+
+
+def _pyramid(b: int = 2):
+    """The same image at three resolutions: 64 (attention), 256 (regions), 512 (patches)."""
+    torch.manual_seed(1)
+    high = torch.rand(b, 1, 512, 512, dtype=torch.float32)
+    mid = torch.nn.functional.avg_pool2d(high, 2)
+    low = torch.nn.functional.avg_pool2d(high, 8)
+    return low, mid, high
+
+
+def test_multilevel_model_nests_boxes_and_trains_both_levels():
+    from ats_wsi.patches import TensorPatchSource
+
+    model = _two_level_model()
+    low, mid, high = _pyramid()
+    sources = [TensorPatchSource(mid, 64), TensorPatchSource(high, 32)]
+    out = model(low, sources, generator=torch.Generator().manual_seed(0))
+
+    assert out.logits.shape == (2, 3)
+    assert out.indices[0].shape == (2, 2) and out.indices[1].shape == (4, 3)
+    assert out.patches.shape == (12, 1, 32, 32)
+    # every level-1 patch centre lies inside its parent region (mapped to the 512 frame)
+    parent = out.locations[0].reshape(4, 1, 2) * 2
+    centre = out.locations[1] + 16
+    assert torch.all(centre >= parent) and torch.all(centre < parent + 128)
+    # the patches are the high-res pixels at the reported locations
+    from ats_wsi.patches import extract_patches
+
+    expected = extract_patches(high, out.locations[1].reshape(2, 6, 2), 32).reshape(12, 1, 32, 32)
+    torch.testing.assert_close(out.patches, expected)
+
+    out.logits.sum().backward()
+    for net in model.attention_nets:
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in net.parameters())
+    assert all(p.grad is not None for p in model.feature_net.parameters())
+
+
+def test_multilevel_model_topk_is_deterministic_and_mask_respected():
+    from ats_wsi.patches import TensorPatchSource
+
+    model = _two_level_model().eval()
+    low, mid, high = _pyramid(1)
+    sources = [TensorPatchSource(mid, 64), TensorPatchSource(high, 32)]
+    mask = torch.zeros(1, 64, 64, dtype=torch.bool)
+    mask[:, :8, :8] = True
+    with torch.no_grad():
+        a = model(low, sources, mask, sampler="topk")
+        b = model(low, sources, mask, sampler="topk")
+    assert torch.equal(a.logits, b.logits)
+    rows, cols = a.indices[0] // 64, a.indices[0] % 64
+    assert torch.all(rows < 8) and torch.all(cols < 8)

@@ -1,0 +1,165 @@
+"""The single-level attention-sampling model (ATS_SPEC 1, docs/architecture.md)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ats_wsi.attention import attention_distribution
+from ats_wsi.estimators import expectation
+from ats_wsi.mapping import GridMapping
+from ats_wsi.nets import build_attention_net, build_feature_net
+from ats_wsi.patches import PatchSource, TensorPatchSource
+from ats_wsi.sampling import SAMPLERS, sample
+
+__all__ = ["ATSModel", "ATSOutput"]
+
+
+@dataclass
+class ATSOutput:
+    """Everything one forward pass produced (B samples, N patches, K = h * w cells).
+
+    Attributes:
+        logits: (B, num_classes) class scores (before softmax).
+        attention: (B, h, w) attention probabilities (the map of ``probs``).
+        probs: (B, K) the same distribution, flat and row-major.
+        indices: (B, N) sampled cells in draw order.
+        locations: (B, N, 2) top-left (y, x) of each patch in the source's pixel units.
+        patches: (B, N, C, p, p) what the feature net saw.
+        features: (B, N, D) L2-normalised patch features.
+    """
+
+    logits: Tensor
+    attention: Tensor
+    probs: Tensor
+    indices: Tensor
+    locations: Tensor
+    patches: Tensor
+    features: Tensor
+
+
+class ATSModel(nn.Module):
+    """Attention net on the low-res view, sampling, feature net on full-res patches, linear head.
+
+    Args:
+        attention_net: (B, C, h, w) -> (B, 1, a_h, a_w) logits; must have ``receptive_field``.
+        feature_net: (M, C, p, p) -> (M, D) L2-normalised; must have ``out_dim``.
+        num_classes: outputs of the linear head.
+        n_patches: patches per sample N (clamped to the allowed cells when sampling without
+            replacement or top-k).
+        patch_size: box side used when ``forward`` is given a plain tensor instead of a
+            :class:`PatchSource` (a source's own ``patch_size`` always wins).
+        sampler: ``with_replacement``, ``without_replacement`` or ``topk``; also selects the
+            estimator of the same name.
+        smoothing: eps of the attention smoothing ``(1 - eps) a + eps / K``.
+    """
+
+    def __init__(
+        self,
+        attention_net: nn.Module,
+        feature_net: nn.Module,
+        num_classes: int,
+        n_patches: int,
+        patch_size: int,
+        sampler: str = "without_replacement",
+        smoothing: float = 0.0,
+    ) -> None:
+        super().__init__()
+        for attr, net in (("receptive_field", attention_net), ("out_dim", feature_net)):
+            if not hasattr(net, attr):
+                raise TypeError(f"{type(net).__name__} has no {attr!r} attribute")
+        if sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {sampler!r}; available: {sorted(SAMPLERS)}")
+        if n_patches < 1 or patch_size < 1:
+            raise ValueError("n_patches and patch_size must be positive")
+        self.attention_net = attention_net
+        self.feature_net = feature_net
+        self.head = nn.Linear(int(feature_net.out_dim), num_classes)
+        self.receptive_field = int(attention_net.receptive_field)
+        self.n_patches = int(n_patches)
+        self.patch_size = int(patch_size)
+        self.sampler = sampler
+        self.smoothing = float(smoothing)
+
+    @classmethod
+    def from_config(cls, cfg: dict[str, Any]) -> ATSModel:
+        """Build from plain data, e.g. parsed YAML.
+
+        ``attention_net`` and ``feature_net`` are a registry name or a mapping
+        ``{"name": ..., **constructor kwargs}``; the other keys are ``__init__`` arguments.
+        """
+        cfg = dict(cfg)
+
+        def build(key: str, builder: Any) -> nn.Module:
+            spec = cfg.pop(key)
+            if isinstance(spec, str):
+                return builder(spec)
+            spec = dict(spec)
+            return builder(spec.pop("name"), **spec)
+
+        attention_net = build("attention_net", build_attention_net)
+        feature_net = build("feature_net", build_feature_net)
+        return cls(attention_net, feature_net, **cfg)
+
+    def forward(
+        self,
+        x_low: Tensor,
+        source: PatchSource | Tensor,
+        mask: Tensor | None = None,
+        *,
+        n_patches: int | None = None,
+        sampler: str | None = None,
+        generator: torch.Generator | None = None,
+    ) -> ATSOutput:
+        """Run the model on a batch.
+
+        Args:
+            x_low: (B, C, h, w) low-resolution views.
+            source: where patches come from; a (B, C, H, W) tensor is wrapped in a
+                :class:`TensorPatchSource` with this model's ``patch_size``.
+            mask: optional bool (B, a_h, a_w) at attention resolution; True = may be sampled.
+            n_patches, sampler: per-call overrides (e.g. more patches or ``topk`` at inference).
+            generator: makes the sampling reproducible.
+        """
+        if isinstance(source, Tensor):
+            source = TensorPatchSource(source, self.patch_size)
+        mode = self.sampler if sampler is None else sampler
+        n = self.n_patches if n_patches is None else int(n_patches)
+        batch = x_low.shape[0]
+
+        logits = self.attention_net(x_low)
+        probs = attention_distribution(logits, mask, self.smoothing)
+        if mode != "with_replacement":
+            # Drawing more distinct cells than have non-zero mass is impossible; count on probs
+            # (not the mask) because an unsmoothed softmax can underflow to exactly 0.
+            n = min(n, int((probs > 0).sum(dim=1).min()))
+        with torch.no_grad():
+            indices = sample(probs, n, mode, generator)
+
+        mapping = GridMapping(
+            low_size=tuple(x_low.shape[-2:]),
+            high_size=tuple(source.shape),
+            attention_size=tuple(logits.shape[-2:]),
+            receptive_field=self.receptive_field,
+            patch_size=source.patch_size,
+        )
+        locations = mapping.top_left(indices)
+        patches = source.extract(locations)
+        if patches.shape[:2] != (batch, n):
+            raise ValueError(f"source returned {tuple(patches.shape)} for {batch} x {n} boxes")
+        patches = patches.to(device=x_low.device)
+        features = self.feature_net(patches.reshape(batch * n, *patches.shape[2:]))
+        features = features.view(batch, n, -1)
+        estimate = expectation(probs, features, indices, mode)
+        return ATSOutput(
+            logits=self.head(estimate),
+            attention=probs.view(batch, *logits.shape[-2:]),
+            probs=probs,
+            indices=indices,
+            locations=locations,
+            patches=patches,
+            features=features,
+        )

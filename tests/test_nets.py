@@ -1,0 +1,138 @@
+"""Network registry and the contracts every registered net must meet."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from ats_wsi import nets
+from ats_wsi.nets import (
+    ATTENTION_NETS,
+    FEATURE_NETS,
+    build_attention_net,
+    build_feature_net,
+    register_attention_net,
+    register_feature_net,
+)
+
+# (name, in_channels, low-res input (h, w), expected map (a_h, a_w), expected receptive field)
+ATTENTION_CASES = [
+    ("mnist", 1, (20, 30), (20, 30), 0),
+    ("sts", 3, (72, 96), (8, 11), 9),  # (72 - 8) / 8 = 8, (96 - 8) / 8 = 11
+    ("histology", 3, (24, 16), (24, 16), 0),
+]
+# (name, in_channels, patch side, expected out_dim)
+FEATURE_CASES = [
+    ("mnist", 1, 16, 32),
+    ("sts_resnet", 3, 32, 32),
+    ("histology", 3, 32, 32),
+]
+
+
+def test_every_registered_net_is_covered() -> None:
+    assert {c[0] for c in ATTENTION_CASES} == set(ATTENTION_NETS)
+    assert {c[0] for c in FEATURE_CASES} == set(FEATURE_NETS)
+
+
+@pytest.mark.parametrize(("name", "channels", "size", "out", "rf"), ATTENTION_CASES)
+def test_attention_shapes(
+    name: str, channels: int, size: tuple[int, int], out: tuple[int, int], rf: int
+) -> None:
+    torch.manual_seed(0)
+    net = build_attention_net(name, in_channels=channels)
+    logits = net(torch.rand(2, channels, *size))
+    assert logits.shape == (2, 1, *out)
+    assert net.receptive_field == rf
+
+
+@pytest.mark.parametrize(("name", "channels", "size", "dim"), FEATURE_CASES)
+def test_features_are_unit_norm(name: str, channels: int, size: int, dim: int) -> None:
+    torch.manual_seed(0)
+    net = build_feature_net(name, in_channels=channels)
+    f = net(torch.rand(6, channels, size, size))
+    assert net.out_dim == dim
+    assert f.shape == (6, dim)
+    assert torch.allclose(f.norm(dim=1), torch.ones(6), atol=1e-5)
+
+
+def test_features_depend_on_the_input() -> None:
+    # Guards the He initialisation: fresh features must tell faint noise patches apart (with
+    # PyTorch's default init their cosine similarity is > 0.999, with He init about 0.97).
+    torch.manual_seed(0)
+    net = build_feature_net("mnist", in_channels=1)
+    f = net(0.1 * torch.randn(8, 1, 16, 16))
+    cos = f @ f.T
+    assert cos[~torch.eye(8, dtype=torch.bool)].max() < 0.99
+
+
+def test_width_and_channels_are_configurable() -> None:
+    f = build_feature_net("histology", in_channels=1, width=4)
+    assert f.out_dim == 8 and f(torch.rand(2, 1, 16, 16)).shape == (2, 8)
+    a = build_attention_net("histology", in_channels=1, width=2)
+    assert a(torch.rand(1, 1, 5, 5)).shape == (1, 1, 5, 5)
+
+
+def test_unknown_names_list_the_available_ones() -> None:
+    with pytest.raises(ValueError, match="available: histology, mnist, sts"):
+        build_attention_net("nope")
+    with pytest.raises(ValueError, match="sts_resnet"):
+        build_feature_net("nope")
+
+
+def test_register_and_duplicate() -> None:
+    @register_attention_net("_test_tiny")
+    def tiny(in_channels: int = 1) -> nets.AttentionNet:
+        return nets.AttentionNet(nn.Conv2d(in_channels, 1, 1))
+
+    try:
+        assert build_attention_net("_test_tiny", in_channels=2).receptive_field == 0
+        with pytest.raises(ValueError, match="already registered"):
+            register_attention_net("_test_tiny")(tiny)
+        with pytest.raises(ValueError, match="already registered"):
+            register_feature_net("mnist")(tiny)
+    finally:
+        del ATTENTION_NETS["_test_tiny"]
+
+
+def _receptive_extent(convs: nn.Module, size: int = 31) -> int:
+    """Side of the input window that one output unit of ``convs`` depends on.
+
+    Weights are made positive and biases zero so no ReLU is dead and every dependency shows
+    up as a non-zero gradient.
+    """
+    convs = copy.deepcopy(convs)
+    for m in convs.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.constant_(m.weight, 0.1)
+            nn.init.zeros_(m.bias)
+    x = torch.ones(1, convs[0].in_channels, size, size, requires_grad=True)
+    out = convs(x)
+    out[0, 0, out.shape[2] // 2, out.shape[3] // 2].backward()
+    rows = x.grad[0].abs().sum(dim=(0, 2)).nonzero()
+    return int(rows.max() - rows.min() + 1)
+
+
+def test_sts_receptive_field_matches_measurement() -> None:
+    net = build_attention_net("sts", in_channels=3)
+    convs = net[0]  # the conv stack before max-pool 8
+    # receptive_field = 9 is the window one conv output sees: 1 + 4 * (3 - 1).
+    assert _receptive_extent(convs) == net.receptive_field == 9
+    # The border the valid convs remove is one pixel less (4 per side); see sts_attention.
+    assert 40 - convs(torch.rand(1, 3, 40, 40)).shape[-1] == net.receptive_field - 1
+
+
+def test_same_padding_nets_lose_no_border() -> None:
+    for name, channels in (("mnist", 1), ("histology", 3)):
+        net = build_attention_net(name, in_channels=channels)
+        assert net(torch.rand(1, channels, 11, 13)).shape[-2:] == (11, 13)
+        assert net.receptive_field == 0
+
+
+def test_convs_start_with_zero_bias() -> None:
+    for name, channels in (("mnist", 1), ("sts", 3), ("histology", 3)):
+        for m in build_attention_net(name, in_channels=channels).modules():
+            if isinstance(m, nn.Conv2d):
+                assert torch.count_nonzero(m.bias) == 0
