@@ -1,0 +1,55 @@
+"""Whole-slide I/O: readers with explicit units, tissue masks, a slide patch source, prefetch.
+
+Importing this package does not import tiatoolbox (only ``ats_wsi.io.tiatoolbox_reader`` does,
+when a tiatoolbox-backed reader is opened), nor openslide, zarr or dask until they are used.
+"""
+
+from ats_wsi.io.convert import write_ome_zarr
+from ats_wsi.io.errors import (
+    CorruptSlideError,
+    MissingResolutionError,
+    NoTissueError,
+    SlideError,
+    SlideNotFoundError,
+    SlideTooSmallError,
+    UnsupportedSlideError,
+)
+from ats_wsi.io.prefetch import LowResItem, LowResLoader, Prefetcher
+from ats_wsi.io.readers import (
+    BACKENDS,
+    OpenSlideReader,
+    SlideReader,
+    ZarrReader,
+    open_slide,
+    register_backend,
+)
+from ats_wsi.io.slide_source import SlidePatchSource, low_res_view
+from ats_wsi.io.synthetic import mirrored_mosaic, write_pyramidal_tiff
+from ats_wsi.io.tissue import load_mask, mask_to_grid, tissue_mask
+
+__all__ = [
+    "BACKENDS",
+    "CorruptSlideError",
+    "LowResItem",
+    "LowResLoader",
+    "MissingResolutionError",
+    "NoTissueError",
+    "OpenSlideReader",
+    "Prefetcher",
+    "SlideError",
+    "SlideNotFoundError",
+    "SlidePatchSource",
+    "SlideReader",
+    "SlideTooSmallError",
+    "UnsupportedSlideError",
+    "ZarrReader",
+    "load_mask",
+    "low_res_view",
+    "mask_to_grid",
+    "mirrored_mosaic",
+    "open_slide",
+    "register_backend",
+    "tissue_mask",
+    "write_ome_zarr",
+    "write_pyramidal_tiff",
+]

@@ -1,0 +1,178 @@
+"""Write test and demo slides: pyramidal tiled TIFFs that OpenSlide reads, tile by tile.
+
+:func:`write_pyramidal_tiff` never holds a level in memory: level-0 tiles come from an array-like
+(numpy, ``np.memmap``, zarr) or a function, and each coarser level is accumulated, already halved,
+in a temporary memory-mapped file next to the output while the finer level is written. That is
+what lets a 100,000 x 100,000 pyramid be generated on a laptop (the temporary files take a third
+of level 0's raw size on disk).
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+from collections.abc import Callable, Iterator
+from os import PathLike
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["TileFn", "halve", "mirrored_mosaic", "write_pyramidal_tiff"]
+
+TileFn = Callable[[int, int, int, int], np.ndarray]
+"""``fn(y, x, height, width) -> (height, width, 3) uint8``: a level-0 region."""
+
+
+def halve(block: np.ndarray) -> np.ndarray:
+    """2 x 2 box mean of (h, w, c) uint8 (odd trailing row / column dropped), rounded."""
+    h, w = block.shape[0] // 2 * 2, block.shape[1] // 2 * 2
+    b = block[:h, :w].astype(np.uint16)
+    s = b[0::2, 0::2] + b[1::2, 0::2] + b[0::2, 1::2] + b[1::2, 1::2]
+    return ((s + 2) // 4).astype(np.uint8)
+
+
+def mirrored_mosaic(image: np.ndarray) -> TileFn:
+    """A :data:`TileFn` that tiles ``image`` over an unbounded plane, mirroring at the seams.
+
+    Mirroring (period 2 x the image) keeps tissue continuous across the seams, so Otsu and
+    morphology see plausible structures.
+    """
+    image = np.ascontiguousarray(image[..., :3])
+    ih, iw = image.shape[:2]
+
+    def fold(start: int, n: int, size: int) -> np.ndarray:
+        idx = (start + np.arange(n)) % (2 * size)
+        return np.where(idx < size, idx, 2 * size - 1 - idx)
+
+    def tile(y: int, x: int, height: int, width: int) -> np.ndarray:
+        return image[np.ix_(fold(y, height, ih), fold(x, width, iw))]
+
+    return tile
+
+
+def _default_levels(height: int, width: int, tile: int) -> int:
+    # Halve until the coarsest level fits in one tile, as scanners do.
+    return 1 + max(0, math.ceil(math.log2(max(height, width) / tile)))
+
+
+def write_pyramidal_tiff(
+    path: str | PathLike[str],
+    image: np.ndarray | Any | TileFn,
+    mpp: float | tuple[float, float] | None,
+    *,
+    shape: tuple[int, int] | None = None,
+    tile: int = 256,
+    levels: int | None = None,
+    compression: str | None = "zlib",
+) -> Path:
+    """Write a tiled RGB pyramid (level 0 and 2x reductions) that OpenSlide reads as generic TIFF.
+
+    Args:
+        path: output ``.tif`` / ``.tiff``.
+        image: (H, W, 3) uint8 array-like supporting slicing (numpy, memmap, zarr), or a
+            :data:`TileFn` giving level-0 regions (then ``shape`` is required).
+        mpp: level-0 microns per pixel, stored as resolution tags in pixels per centimetre;
+            None writes no resolution unit, so readers report no mpp.
+        shape: (H, W) of level 0 when ``image`` is a function.
+        tile: tile side (a multiple of 16, as TIFF requires).
+        levels: number of levels including level 0; default halves until one tile is left.
+        compression: tifffile compression name ("zlib", "jpeg", None, ...).
+
+    Returns:
+        The output path.
+    """
+    import tifffile
+
+    if tile % 16:
+        raise ValueError(f"tile must be a multiple of 16, got {tile}")
+    if callable(image):
+        if shape is None:
+            raise ValueError("shape=(H, W) is required when image is a function")
+        height, width = int(shape[0]), int(shape[1])
+        read0: TileFn = image
+    else:
+        height, width = int(image.shape[0]), int(image.shape[1])
+
+        def read0(y: int, x: int, h: int, w: int) -> np.ndarray:
+            return np.asarray(image[y : y + h, x : x + w])[..., :3]
+
+    n_levels = levels if levels is not None else _default_levels(height, width, tile)
+    n_levels = max(1, min(n_levels, 1 + int(math.log2(min(height, width)))))
+    if mpp is None:
+        mpp_xy = None
+    elif np.isscalar(mpp):
+        mpp_xy = (float(mpp), float(mpp))
+    else:
+        mpp_xy = (float(mpp[0]), float(mpp[1]))
+    path = Path(path)
+    with (
+        tempfile.TemporaryDirectory(dir=path.parent, prefix=".pyramid-") as tmp,
+        tifffile.TiffWriter(path, bigtiff=height * width * 3 > 2**31) as tif,
+    ):
+        read = read0
+        for level in range(n_levels):
+            h, w = height >> level, width >> level
+            nxt = None
+            if level + 1 < n_levels:
+                nxt = np.lib.format.open_memmap(
+                    Path(tmp) / f"level{level + 1}.npy",
+                    mode="w+",
+                    dtype=np.uint8,
+                    shape=(h // 2, w // 2, 3),
+                )
+            kwargs: dict[str, Any] = {}
+            if mpp_xy is not None:
+                # TIFF resolution is pixels per unit; 1 cm = 1e4 um.
+                ds = 2**level
+                kwargs = {
+                    "resolution": (1e4 / (mpp_xy[0] * ds), 1e4 / (mpp_xy[1] * ds)),
+                    "resolutionunit": "CENTIMETER",
+                }
+            else:
+                kwargs = {"resolutionunit": "NONE"}
+            tif.write(
+                _tiles(read, h, w, tile, nxt),
+                shape=(h, w, 3),
+                dtype=np.uint8,
+                tile=(tile, tile),
+                photometric="rgb",
+                compression=compression,
+                subfiletype=1 if level else 0,
+                metadata=None,
+                **kwargs,
+            )
+            if nxt is not None:
+                nxt.flush()
+                arr = nxt
+
+                def read(y: int, x: int, hh: int, ww: int, arr: np.ndarray = arr) -> np.ndarray:
+                    return arr[y : y + hh, x : x + ww]
+
+            del nxt
+    return path
+
+
+def _tiles(
+    read: TileFn, height: int, width: int, tile: int, coarser: np.ndarray | None
+) -> Iterator[np.ndarray]:
+    """Full-size (tile, tile, 3) tiles in row-major order; fills ``coarser`` as a side effect."""
+    for y in range(0, height, tile):
+        th = min(tile, height - y)
+        for x in range(0, width, tile):
+            tw = min(tile, width - x)
+            block = np.asarray(read(y, x, th, tw), dtype=np.uint8)
+            if block.shape != (th, tw, 3):
+                raise ValueError(
+                    f"tile at ({y}, {x}) has shape {block.shape}, expected {(th, tw, 3)}"
+                )
+            if coarser is not None:
+                # tile is even, so each tile maps onto whole pixels of the next level.
+                small = halve(block)
+                coarser[y // 2 : y // 2 + small.shape[0], x // 2 : x // 2 + small.shape[1]] = small
+            if th == tile and tw == tile:
+                yield block
+            else:
+                padded = np.zeros((tile, tile, 3), dtype=np.uint8)
+                padded[:th, :tw] = block
+                yield padded
