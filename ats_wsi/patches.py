@@ -1,8 +1,8 @@
 """Patch sources: where full-resolution patches come from.
 
 A :class:`PatchSource` turns top-left corners (from :class:`ats_wsi.mapping.GridMapping`) into
-patches. :class:`TensorPatchSource` cuts them from an in-memory (B, C, H, W) tensor with one
-batched gather; slide-backed sources live in ``ats_wsi.io``.
+patches. :class:`TensorPatchSource` cuts them from an in-memory (B, C, H, W) tensor with
+batched gathers; slide-backed sources live in ``ats_wsi.io``.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ class PatchSource(Protocol):
 
 
 def extract_patches(x: Tensor, top_left: Tensor, size: int, fill: float = 0.0) -> Tensor:
-    """Cut ``size`` x ``size`` boxes out of ``x`` with one batched gather.
+    """Cut ``size`` x ``size`` boxes out of ``x`` with batched gathers (no loop, no padding).
 
     Args:
         x: (B, C, H, W) frames.
@@ -48,8 +48,17 @@ def extract_patches(x: Tensor, top_left: Tensor, size: int, fill: float = 0.0) -
 
     Returns:
         (B, N, C, size, size) patches, same dtype and device as ``x``; differentiable with
-        respect to ``x``. The result may be a non-contiguous view (channels are gathered as
-        the outer dimension because that is the fastest layout on CPU).
+        respect to ``x``. May be a non-contiguous view (channels gathered as the outer axis).
+
+    Two strategies, same result. The general one is a per-pixel gather: index grids
+    ``y0 + arange(P)`` and ``x0 + arange(P)``, clamped into the frame, one advanced index, then
+    ``fill`` where the grid left the frame. It is used on accelerators (memory-bound there, and
+    free of host synchronisation) and whenever ``x`` needs a gradient. On CPU it costs index
+    arithmetic per output pixel, which made it slower than a Python loop of slices for large
+    patches; there, boxes inside the frame are instead read with one advanced index per box
+    into a strided window view of ``x`` (whole rows copied, no padding copy), and only boxes
+    that reach outside go through the per-pixel gather. The window view is not used with
+    gradients because its backward would allocate ``B*C*H*W*P*P`` elements.
     """
     if x.dim() != 4:
         raise ValueError(f"x must be (B, C, H, W), got {tuple(x.shape)}")
@@ -62,18 +71,68 @@ def extract_patches(x: Tensor, top_left: Tensor, size: int, fill: float = 0.0) -
     b, c, h, w = x.shape
     n = top_left.shape[1]
     top_left = top_left.to(device=x.device, dtype=torch.long)
-    offsets = torch.arange(size, device=x.device)
-    rows = top_left[..., 0, None] + offsets  # (B, N, P)
+    if x.device.type != "cpu" or (x.requires_grad and torch.is_grad_enabled()) or min(h, w) < size:
+        if x.stride(-1) == 1 and x.stride(-2) == w:
+            return _gather_grid(x, top_left, size, fill)
+        batch = torch.arange(b, device=x.device).repeat_interleave(n)
+        return _gather_pixels(x, batch, top_left.reshape(-1, 2), size, fill).view(
+            b, n, c, size, size
+        )
+    y0 = top_left[..., 0].clamp(0, h - size)
+    x0 = top_left[..., 1].clamp(0, w - size)
+    # (B, C, H-P+1, W-P+1, P, P) view: element [b, :, y, x] is the box at (y, x). No copy.
+    windows = x.unfold(2, size, 1).unfold(3, size, 1)
+    batch = torch.arange(b, device=x.device).view(b, 1).expand(b, n)
+    patches = windows[batch, :, y0, x0]  # (B, N, C, P, P)
+    outside = (y0 != top_left[..., 0]) | (x0 != top_left[..., 1])
+    if bool(outside.any()):
+        bi, ni = outside.nonzero(as_tuple=True)
+        patches[bi, ni] = _gather_pixels(x, bi, top_left[bi, ni], size, fill)
+    return patches
+
+
+def _grids(top_left: Tensor, size: int, h: int, w: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Clamped row and column grids (..., P) and the in-frame mask (..., P, P)."""
+    offsets = torch.arange(size, device=top_left.device)
+    rows = top_left[..., 0, None] + offsets
     cols = top_left[..., 1, None] + offsets
     valid = ((rows >= 0) & (rows < h))[..., :, None] & ((cols >= 0) & (cols < w))[..., None, :]
-    # Clamped indices read some in-frame pixel; the mask below overwrites them with `fill`.
-    flat = rows.clamp(0, h - 1)[..., :, None] * w + cols.clamp(0, w - 1)[..., None, :]
-    # One flat index shared by all channels (expand is a view, not a copy).
-    index = flat.reshape(b, 1, n * size * size).expand(b, c, -1)
-    patches = torch.gather(x.reshape(b, c, h * w), 2, index)
+    # Clamped indices read some in-frame pixel; callers overwrite those with `fill` via `valid`.
+    return rows.clamp(0, h - 1), cols.clamp(0, w - 1), valid
+
+
+def _gather_grid(x: Tensor, top_left: Tensor, size: int, fill: float) -> Tensor:
+    """Per-pixel gather of (B, N) boxes from ``x`` whose (H, W) planes are contiguous.
+
+    One flat index per box pixel, shared by all channels (expanded, not copied); measured
+    faster than a four-tensor advanced index on both CPU and GPU.
+    """
+    b, c, h, w = x.shape
+    n = top_left.shape[1]
+    rows, cols, valid = _grids(top_left, size, h, w)
+    flat = (rows[..., :, None] * w + cols[..., None, :]).reshape(b, 1, n * size * size)
+    patches = torch.gather(x.reshape(b, c, h * w), 2, flat.expand(b, c, -1))
     patches = patches.view(b, c, n, size, size).permute(0, 2, 1, 3, 4)
     # In place is safe: gather's backward does not need its output.
     return patches.masked_fill_(~valid[:, :, None], fill)
+
+
+def _gather_pixels(x: Tensor, batch: Tensor, top_left: Tensor, size: int, fill: float) -> Tensor:
+    """Per-pixel gather of M boxes: ``batch`` (M,), ``top_left`` (M, 2) -> (M, C, P, P).
+
+    Broadcast index tensors: works for any strides of ``x`` and any mix of samples.
+    """
+    _, c, h, w = x.shape
+    rows, cols, valid = _grids(top_left, size, h, w)
+    channels = torch.arange(c, device=x.device)
+    patches = x[
+        batch[:, None, None, None],
+        channels[None, :, None, None],
+        rows[:, None, :, None],
+        cols[:, None, None, :],
+    ]
+    # In place is safe: indexing's backward does not need its output.
+    return patches.masked_fill_(~valid[:, None], fill)
 
 
 class TensorPatchSource:

@@ -28,7 +28,8 @@ def test_receptive_field_and_non_square() -> None:
     idx = torch.tensor([[0, 2 * 13 + 5, 3 * 13 + 12]])
     assert torch.equal(m.top_left(idx), torch.tensor([[[16, 2], [56, 22], [76, 50]]]))
     assert torch.allclose(
-        m.centre(idx), torch.tensor([[[20.0, 6.0], [60.0, 26.0], [80.0, 54.0]]], dtype=torch.float64)
+        m.centre(idx),
+        torch.tensor([[[20.0, 6.0], [60.0, 26.0], [80.0, 54.0]]], dtype=torch.float64),
     )
 
 

@@ -18,7 +18,9 @@ def make_model(**kw: object) -> ATSModel:
     torch.manual_seed(0)
     cfg: dict = {"num_classes": 5, "n_patches": 4, "patch_size": P} | kw
     return ATSModel(
-        build_attention_net("mnist", in_channels=1), build_feature_net("mnist", in_channels=1), **cfg
+        build_attention_net("mnist", in_channels=1),
+        build_feature_net("mnist", in_channels=1),
+        **cfg,
     )
 
 
@@ -152,3 +154,14 @@ def test_from_config_and_validation() -> None:
         make_model(sampler="nope")
     with pytest.raises(TypeError, match="receptive_field"):
         ATSModel(torch.nn.Conv2d(1, 1, 1), build_feature_net("mnist"), 2, 1, 8)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_runs_on_cuda() -> None:
+    model = make_model().cuda()
+    x_low, x_high = make_batch()
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    out = model(x_low.cuda(), x_high.cuda(), generator=gen)
+    out.logits.sum().backward()
+    assert out.logits.is_cuda and out.locations.is_cuda
+    assert torch.equal(out.patches, extract_patches(x_high.cuda(), out.locations, P))
