@@ -17,6 +17,14 @@ Which estimator to use (verified by exact enumeration in ``tests/test_estimators
 * ``topk``: deterministic inference, ``sum a_i f_i / sum a_i`` over the top-k cells; it is not
   an unbiased estimator and is meant for prediction, not training.
 
+Control variate: the score-function part of the attention gradient is noisy when
+``<g, estimate>`` is far from zero (g the upstream gradient). ``with_replacement`` and
+``without_replacement`` accept ``baseline`` (B, D), a vector ``c`` that must not depend on the
+current draws (for example a running mean of past estimates, as :class:`ats_wsi.model.ATSModel`
+keeps). Draw t's score is then centred on ``<g, S_t + m_t c>`` instead of ``<g, S_t>``; this
+leaves the estimator exactly unbiased for any such ``c`` (checked by enumeration) and removes
+most of the noise when ``c`` is close to the mean feature.
+
 The attention gradients are exact for ``probs`` that lie on the simplex (as every output of
 :func:`ats_wsi.attention.attention_distribution` does): they may differ from the gradient of an
 arbitrary off-simplex extension by a multiple of the all-ones vector, which the softmax Jacobian
@@ -33,7 +41,7 @@ from torch.autograd.function import FunctionCtx
 
 __all__ = ["ESTIMATORS", "expectation", "register_estimator"]
 
-Estimator = Callable[[Tensor, Tensor, Tensor], Tensor]
+Estimator = Callable[[Tensor, Tensor, Tensor, "Tensor | None"], Tensor]
 ESTIMATORS: dict[str, Estimator] = {}
 
 
@@ -70,33 +78,44 @@ def _ordered_forward(a: Tensor, features: Tensor) -> tuple[Tensor, Tensor]:
     return per_draw.mean(dim=1), m
 
 
+def _baseline_dot(baseline: Tensor, grad_out: Tensor) -> Tensor:
+    """``<g, c>`` per sample as (B, 1); ``c`` is treated as a constant."""
+    return (baseline.detach().expand_as(grad_out) * grad_out).sum(dim=1, keepdim=True)
+
+
 class _WithReplacement(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: FunctionCtx, probs: Tensor, features: Tensor, indices: Tensor) -> Tensor:
-        ctx.save_for_backward(probs, features, indices)
+    def forward(
+        ctx: FunctionCtx, probs: Tensor, features: Tensor, indices: Tensor, baseline: Tensor
+    ) -> Tensor:
+        ctx.save_for_backward(probs, features, indices, baseline)
         return features.mean(dim=1)
 
     @staticmethod
-    def backward(ctx: FunctionCtx, grad_out: Tensor) -> tuple[Tensor, Tensor, None]:
-        probs, features, indices = ctx.saved_tensors
+    def backward(ctx: FunctionCtx, grad_out: Tensor) -> tuple[Tensor, Tensor, None, None]:
+        probs, features, indices, baseline = ctx.saved_tensors
         n = features.shape[1]
         a = probs.gather(1, indices)
         g_dot_f = torch.einsum("bnd,bd->bn", features, grad_out)
-        # score function: d/da_k sum_k a_k f_k = E_{k~a}[f_k e_k / a_k]
-        grad_probs = torch.zeros_like(probs).scatter_add_(1, indices, g_dot_f / (n * a))
+        # score function: d/da_k sum_k a_k f_k = E_{k~a}[f_k e_k / a_k]; the constant baseline
+        # has zero mean under the score (up to the all-ones direction the softmax removes).
+        centred = g_dot_f - _baseline_dot(baseline, grad_out)
+        grad_probs = torch.zeros_like(probs).scatter_add_(1, indices, centred / (n * a))
         grad_features = grad_out.unsqueeze(1).expand_as(features) / n
-        return grad_probs, grad_features, None
+        return grad_probs, grad_features, None, None
 
 
 class _WithoutReplacement(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: FunctionCtx, probs: Tensor, features: Tensor, indices: Tensor) -> Tensor:
-        ctx.save_for_backward(probs, features, indices)
+    def forward(
+        ctx: FunctionCtx, probs: Tensor, features: Tensor, indices: Tensor, baseline: Tensor
+    ) -> Tensor:
+        ctx.save_for_backward(probs, features, indices, baseline)
         return _ordered_forward(probs.gather(1, indices), features)[0]
 
     @staticmethod
-    def backward(ctx: FunctionCtx, grad_out: Tensor) -> tuple[Tensor, Tensor, None]:
-        probs, features, indices = ctx.saved_tensors
+    def backward(ctx: FunctionCtx, grad_out: Tensor) -> tuple[Tensor, Tensor, None, None]:
+        probs, features, indices, baseline = ctx.saved_tensors
         a = probs.gather(1, indices)
         n = a.shape[1]
         w, w_after = _draw_weights(n, a)
@@ -111,13 +130,14 @@ class _WithoutReplacement(torch.autograd.Function):
         # Pathwise part: dF_i/da_j = f_j - f_i for j < i.
         path = g_dot_f * w_after - _reverse_exclusive_cumsum(w * g_dot_f)
         # Score part. F_i depends only on draws 0..i, so only their conditionals
-        # p(k_t | k_<t) = a_t / m_t enter; S_t (fixed given k_<t) is a valid baseline for the
-        # draw-t factor. R_t = sum_{i>=t} w_i (Phi_i - S_t).
-        r = _reverse_exclusive_cumsum(w * phi) + w * phi - prefix * (w_after + w)
+        # p(k_t | k_<t) = a_t / m_t enter; S_t + m_t <g, c> (fixed given k_<t) is a valid
+        # baseline for the draw-t factor. R_t = sum_{i>=t} w_i (Phi_i - S_t - m_t <g, c>).
+        centre = prefix + m * _baseline_dot(baseline, grad_out)
+        r = _reverse_exclusive_cumsum(w * phi) + w * phi - centre * (w_after + w)
         # d log(a_t / m_t) / da_j = [j == t] / a_t + [j < t] / m_t
         score = r / a + _reverse_exclusive_cumsum(r / m)
         grad_probs = torch.zeros_like(probs).scatter_add_(1, indices, path + score)
-        return grad_probs, grad_features, None
+        return grad_probs, grad_features, None, None
 
 
 class _WithoutReplacementReference(torch.autograd.Function):
@@ -143,37 +163,60 @@ class _WithoutReplacementReference(torch.autograd.Function):
         return grad_probs, grad_features, None
 
 
+def _baseline_or_zeros(features: Tensor, baseline: Tensor | None) -> Tensor:
+    if baseline is None:
+        return features.new_zeros(features.shape[0], features.shape[2])
+    return baseline.detach().to(features.dtype).expand(features.shape[0], features.shape[2])
+
+
 @register_estimator("with_replacement")
-def expectation_with_replacement(probs: Tensor, features: Tensor, indices: Tensor) -> Tensor:
+def expectation_with_replacement(
+    probs: Tensor, features: Tensor, indices: Tensor, baseline: Tensor | None = None
+) -> Tensor:
     """Mean of the sampled features; exactly unbiased value and gradients."""
-    return _WithReplacement.apply(probs, features, indices)
+    return _WithReplacement.apply(probs, features, indices, _baseline_or_zeros(features, baseline))
 
 
 @register_estimator("without_replacement")
-def expectation_without_replacement(probs: Tensor, features: Tensor, indices: Tensor) -> Tensor:
+def expectation_without_replacement(
+    probs: Tensor, features: Tensor, indices: Tensor, baseline: Tensor | None = None
+) -> Tensor:
     """Ordered without-replacement estimator; exactly unbiased value and gradients."""
-    return _WithoutReplacement.apply(probs, features, indices)
+    c = _baseline_or_zeros(features, baseline)
+    return _WithoutReplacement.apply(probs, features, indices, c)
 
 
 @register_estimator("without_replacement_reference")
 def expectation_without_replacement_reference(
-    probs: Tensor, features: Tensor, indices: Tensor
+    probs: Tensor, features: Tensor, indices: Tensor, baseline: Tensor | None = None
 ) -> Tensor:
-    """The authors' estimator: unbiased value and feature gradient, BIASED attention gradient."""
+    """The authors' estimator: unbiased value and feature gradient, BIASED attention gradient.
+
+    ``baseline`` is ignored (the reference has none).
+    """
     return _WithoutReplacementReference.apply(probs, features, indices)
 
 
 @register_estimator("topk")
-def expectation_topk(probs: Tensor, features: Tensor, indices: Tensor) -> Tensor:
+def expectation_topk(
+    probs: Tensor, features: Tensor, indices: Tensor, baseline: Tensor | None = None
+) -> Tensor:
     """Attention-weighted mean over the drawn cells (deterministic inference; biased)."""
     a = probs.gather(1, indices)
     return (a.unsqueeze(-1) * features).sum(dim=1) / a.sum(dim=1, keepdim=True)
 
 
 def expectation(
-    probs: Tensor, features: Tensor, indices: Tensor, mode: str = "without_replacement"
+    probs: Tensor,
+    features: Tensor,
+    indices: Tensor,
+    mode: str = "without_replacement",
+    baseline: Tensor | None = None,
 ) -> Tensor:
-    """Estimate ``E_{k~probs}[f_k]`` (B, D) from sampled ``features`` (B, N, D) at ``indices``."""
+    """Estimate ``E_{k~probs}[f_k]`` (B, D) from sampled ``features`` (B, N, D) at ``indices``.
+
+    ``baseline`` (B, D) or (D,): optional control variate, independent of the current draws.
+    """
     try:
         fn = ESTIMATORS[mode]
     except KeyError:
@@ -182,4 +225,4 @@ def expectation(
         raise ValueError(
             f"features {tuple(features.shape)} do not match indices {tuple(indices.shape)}"
         )
-    return fn(probs, features, indices)
+    return fn(probs, features, indices, baseline)

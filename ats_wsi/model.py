@@ -55,6 +55,10 @@ class ATSModel(nn.Module):
         sampler: ``with_replacement``, ``without_replacement`` or ``topk``; also selects the
             estimator of the same name.
         smoothing: eps of the attention smoothing ``(1 - eps) a + eps / K``.
+        baseline_momentum: momentum of the running mean of past estimates used as the
+            estimators' control variate (see :mod:`ats_wsi.estimators`); ``None`` disables it.
+            The running mean is updated after the current estimate, so it never depends on the
+            current draws and the gradients stay exactly unbiased.
     """
 
     def __init__(
@@ -66,6 +70,7 @@ class ATSModel(nn.Module):
         patch_size: int,
         sampler: str = "without_replacement",
         smoothing: float = 0.0,
+        baseline_momentum: float | None = 0.9,
     ) -> None:
         super().__init__()
         for attr, net in (("receptive_field", attention_net), ("out_dim", feature_net)):
@@ -83,6 +88,8 @@ class ATSModel(nn.Module):
         self.patch_size = int(patch_size)
         self.sampler = sampler
         self.smoothing = float(smoothing)
+        self.baseline_momentum = baseline_momentum
+        self.register_buffer("feature_mean", torch.zeros(int(feature_net.out_dim)))
 
     @classmethod
     def from_config(cls, cfg: dict[str, Any]) -> ATSModel:
@@ -153,7 +160,11 @@ class ATSModel(nn.Module):
         patches = patches.to(device=x_low.device)
         features = self.feature_net(patches.reshape(batch * n, *patches.shape[2:]))
         features = features.view(batch, n, -1)
-        estimate = expectation(probs, features, indices, mode)
+        baseline = None if self.baseline_momentum is None else self.feature_mean.clone()
+        estimate = expectation(probs, features, indices, mode, baseline)
+        if self.training and self.baseline_momentum is not None:
+            with torch.no_grad():
+                self.feature_mean.lerp_(estimate.mean(dim=0), 1 - self.baseline_momentum)
         return ATSOutput(
             logits=self.head(estimate),
             attention=probs.view(batch, *logits.shape[-2:]),
