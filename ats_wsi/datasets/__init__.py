@@ -1,0 +1,1 @@
+"""Benchmark datasets: real-data loaders and deterministic, lazily generated stand-ins."""

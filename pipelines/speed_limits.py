@@ -1,0 +1,507 @@
+"""Speed limits benchmark (ATS_SPEC 2.2): ATS and a CNN on the low-res view in one run.
+
+    python -m pipelines.speed_limits --config configs/speed_limits.yaml \
+        [--data-root STS_DIR] [--out DIR] [--resume] [--device cpu|cuda] [--no-progress]
+
+With ``--data-root`` (or ``data.root``) the real Swedish Traffic Signs ``Set1`` / ``Set2`` are
+used; otherwise the deterministic offline stand-in. Images travel as uint8; on the device
+each training batch gets brightness/contrast and +-100 px pan augmentation, then the low-res
+view is made from the (augmented) full image with an anti-aliased resize, as in the authors'
+model. Outputs as in :mod:`pipelines.megapixel_mnist`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+
+from ats_wsi.benchmarking import describe_machine, write_json
+from ats_wsi.datasets.speed_limits import CLASSES, SpeedLimits, SpeedLimitsStandIn
+from ats_wsi.model import ATSModel
+from ats_wsi.training import (
+    REQUIRED,
+    ConfigError,
+    ForwardFn,
+    StepOutput,
+    class_balanced_weights,
+    fit,
+    library_versions,
+    load_yaml_config,
+    measure_step_cost,
+    seed_everything,
+)
+from pipelines.megapixel_mnist import (
+    BaselineCNN,
+    baseline_schema,
+    check_choices,
+    check_resume_config,
+    param_groups,
+    pick_device,
+    summarise_history,
+)
+
+__all__ = ["SCHEMA", "augment", "low_res_view", "main", "run", "sts_forward"]
+
+_NUM = (int, float)
+_OPT_STR = (str, type(None))
+
+SCHEMA: dict[str, Any] = {
+    "seed": ((int,), 0),
+    "device": ((str,), "auto"),
+    "data": {
+        "root": (_OPT_STR, None),  # STS folder with Set1/ and Set2/; null: stand-in
+        "n_train": ((int,), 747),  # stand-in sizes (the real subset has 747 / 684)
+        "n_test": ((int,), 684),
+        "class_probs": ((list,), [0.25, 0.25, 0.25, 0.25]),
+        "sign_diameter": ((list,), [18, 30]),
+        "scale": (_NUM, 0.3),
+        "num_workers": ((int,), 0),
+    },
+    "model": {
+        "attention_net": ((str,), "sts"),
+        "attention_net_args": ((dict,), {}),
+        "feature_net": ((str,), "sts_resnet"),
+        "feature_net_args": ((dict,), {}),
+        "n_patches": ((int,), 5),
+        "patch_size": ((int,), 100),
+        "sampler": ((str,), "without_replacement"),
+        "eval_sampler": (_OPT_STR, None),
+        "smoothing": (_NUM, 1e-4),
+    },
+    "train": {
+        "epochs": ((int,), REQUIRED),
+        "batch_size": ((int,), 32),
+        "lr": (_NUM, 1e-3),
+        "head_lr_multiplier": (_NUM, 1.0),
+        "lr_decay_epochs": ((list,), [250]),  # lr x lr_decay_factor at each
+        "lr_decay_factor": (_NUM, 0.1),
+        "clip_norm": ((int, float, type(None)), None),
+        "entropy_lambda": (_NUM, 1e-4),
+        "class_balanced": ((bool,), True),
+        "augment": ((bool,), True),
+        "pan_px": ((int,), 100),
+        "contrast": ((list,), [0.8, 1.2]),
+        "brightness": ((list,), [-0.1, 0.1]),
+        "eval_every": ((int,), 1),
+        "checkpoint_every": ((int,), 1),
+        "time_budget_minutes": ((int, float, type(None)), None),
+    },
+    "baselines": {"low_res_cnn": baseline_schema()},
+    "report": {
+        "n_figures": ((int,), 4),
+        "cost_batch_size": ((int,), 4),
+        "cost_repeats": ((int,), 3),
+    },
+}
+
+_CHOICES = {
+    ("model", "sampler"): ("with_replacement", "without_replacement"),
+    ("model", "eval_sampler"): (None, "with_replacement", "without_replacement", "topk"),
+    ("baselines", "low_res_cnn", "pool"): ("avg", "max"),
+}
+
+
+def _check_lists(cfg: Mapping[str, Any], where: str) -> None:
+    """Lengths and element types of the list-valued keys (the schema checks only ``list``)."""
+    specs = {
+        ("data", "class_probs"): (4, (int, float)),
+        ("data", "sign_diameter"): (2, (int,)),
+        ("train", "contrast"): (2, (int, float)),
+        ("train", "brightness"): (2, (int, float)),
+        ("train", "lr_decay_epochs"): (None, (int,)),
+    }
+    for (sec, key), (n, types) in specs.items():
+        v = cfg[sec][key]
+        if (n is not None and len(v) != n) or not all(
+            isinstance(x, types) and not isinstance(x, bool) for x in v
+        ):
+            what = f"{n} numbers" if n else "a list of integers"
+            raise ConfigError(f"{where}: key '{sec}.{key}' must be {what}, got {v!r}")
+
+
+# ----------------------------------------------------------------------------- batches
+
+
+def augment(x: Tensor, cfg: Mapping[str, Any], generator: torch.Generator) -> Tensor:
+    """Per-sample ``clamp(a * x + b)`` and a random shift of up to ``pan_px`` (zero fill).
+
+    ``generator`` is a CPU generator (a few numbers per sample), so runs on any device draw
+    the same augmentations.
+    """
+    b = x.shape[0]
+    (c0, c1), (b0, b1) = cfg["contrast"], cfg["brightness"]
+    u = torch.rand(b, 2, generator=generator)
+    a = (c0 + (c1 - c0) * u[:, 0]).to(x.device, x.dtype).view(b, 1, 1, 1)
+    off = (b0 + (b1 - b0) * u[:, 1]).to(x.device, x.dtype).view(b, 1, 1, 1)
+    x = (a * x + off).clamp_(0.0, 1.0)
+    pan = int(cfg["pan_px"])
+    if pan <= 0:
+        return x
+    shifts = torch.randint(-pan, pan + 1, (b, 2), generator=generator).tolist()
+    out = torch.zeros_like(x)
+    h, w = x.shape[-2:]
+    for i, (dy, dx) in enumerate(shifts):
+        # Destination window and source window of the shifted image.
+        ys, yd = max(0, -dy), max(0, dy)
+        xs, xd = max(0, -dx), max(0, dx)
+        hh, ww = h - abs(dy), w - abs(dx)
+        if hh <= 0 or ww <= 0:
+            continue  # shifted entirely out of the frame (tiny images only)
+        out[i, :, yd : yd + hh, xd : xd + ww] = x[i, :, ys : ys + hh, xs : xs + ww]
+    return out
+
+
+def low_res_view(x_high: Tensor, scale: float) -> Tensor:
+    """Anti-aliased bilinear resize of (B, C, H, W) by ``scale`` (0.3: 960x1280 -> 288x384)."""
+    size = (int(x_high.shape[-2] * scale), int(x_high.shape[-1] * scale))
+    return F.interpolate(x_high, size=size, mode="bilinear", antialias=True, align_corners=False)
+
+
+def sts_forward(
+    cfg: Mapping[str, Any],
+    *,
+    train: bool,
+    kind: str = "ats",
+    generator: torch.Generator | None = None,
+    aug_generator: torch.Generator | None = None,
+    **model_kwargs: Any,
+) -> ForwardFn:
+    """Forward function for ``(x_high uint8, y)`` batches: augment (training), make the
+    low-res view, run ATS (``kind="ats"``) or a CNN on the low-res view (``"low_res_cnn"``)."""
+    tcfg, scale = cfg["train"], float(cfg["data"]["scale"])
+
+    def forward(model: nn.Module, batch: Any, device: torch.device) -> StepOutput:
+        x, y = batch[0], batch[1]
+        x = x.to(device, non_blocking=True).float().div_(255.0)
+        if train and tcfg["augment"]:
+            x = augment(x, tcfg, aug_generator or torch.Generator().manual_seed(0))
+        x_low = low_res_view(x, scale)
+        y = y.to(device)
+        if kind != "ats":
+            return StepOutput(model(x_low), y)
+        gen = generator if generator is not None and generator.device.type == device.type else None
+        out = model(x_low, x, generator=gen, **model_kwargs)
+        return StepOutput(out.logits, y, out.probs, out)
+
+    return forward
+
+
+# ----------------------------------------------------------------------------- run
+
+
+def build_datasets(cfg: Mapping[str, Any]) -> tuple[Dataset, Dataset]:
+    """Real STS when ``data.root`` is set, else the stand-in (seeds ``2 seed``, ``2 seed + 1``)."""
+    d = cfg["data"]
+    if d["root"]:
+        return SpeedLimits(d["root"], "train"), SpeedLimits(d["root"], "test")
+    common = dict(class_probs=tuple(d["class_probs"]), sign_diameter=tuple(d["sign_diameter"]))
+    return (
+        SpeedLimitsStandIn(d["n_train"], seed=2 * cfg["seed"], **common),
+        SpeedLimitsStandIn(d["n_test"], seed=2 * cfg["seed"] + 1, **common),
+    )
+
+
+def build_ats(cfg: Mapping[str, Any]) -> ATSModel:
+    """The paper's speed-limits ATS model from the ``model`` block."""
+    m = cfg["model"]
+    return ATSModel.from_config(
+        {
+            "attention_net": {
+                **m["attention_net_args"],
+                "name": m["attention_net"],
+                "in_channels": 3,
+            },
+            "feature_net": {**m["feature_net_args"], "name": m["feature_net"], "in_channels": 3},
+            "num_classes": len(CLASSES),
+            "n_patches": m["n_patches"],
+            "patch_size": m["patch_size"],
+            "sampler": m["sampler"],
+            "smoothing": m["smoothing"],
+        }
+    )
+
+
+def _loader(
+    ds: Dataset,
+    bs: int,
+    shuffle: bool,
+    cfg: Mapping[str, Any],
+    device: torch.device,
+    generator: torch.Generator | None = None,
+) -> DataLoader:
+    workers = int(cfg["data"]["num_workers"])
+    return DataLoader(
+        ds,
+        batch_size=bs,
+        shuffle=shuffle,
+        generator=generator,
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=workers > 0,
+    )
+
+
+def _batch(ds: Dataset, n: int) -> tuple[Tensor, Tensor]:
+    items = [ds[i] for i in range(min(n, len(ds)))]
+    return torch.stack([it[0] for it in items]), torch.tensor([it[1] for it in items])
+
+
+def _measure(
+    model: nn.Module,
+    batch: tuple[Tensor, Tensor],
+    forward: ForwardFn,
+    device: torch.device,
+    repeats: int,
+) -> dict[str, Any]:
+    on_device = tuple(t.to(device) for t in batch)
+    n_bytes = batch[0].numel() * batch[0].element_size()
+    return {
+        mode: measure_step_cost(
+            model,
+            on_device,
+            forward=forward,
+            device=device,
+            train=mode == "train",
+            repeats=repeats,
+            input_bytes=n_bytes,
+        )
+        for mode in ("train", "inference")
+    }
+
+
+def save_figures(
+    model: ATSModel, ds: Dataset, cfg: Mapping[str, Any], out_dir: Path, device: torch.device
+) -> list[str]:
+    """Attention figures for the first ``report.n_figures`` test images."""
+    from ats_wsi.viz import save_attention_figure
+
+    n = cfg["report"]["n_figures"]
+    if n <= 0:
+        return []
+    x, y = _batch(ds, n)
+    model.eval()
+    gen = torch.Generator(device=device).manual_seed(cfg["seed"])
+    with torch.no_grad():
+        out = sts_forward(cfg, train=False, generator=gen)(model, (x, y), device).extra
+        x_low = low_res_view(x.float().div(255.0), float(cfg["data"]["scale"]))
+    pred = out.logits.argmax(1).cpu()
+    names = []
+    for i in range(len(y)):
+        path = out_dir / "figures" / f"ats_test_{i:02d}.png"
+        save_attention_figure(
+            path,
+            x_low[i],
+            out.attention[i],
+            out.locations[i],
+            model.patch_size,
+            tuple(x.shape[-2:]),
+            patches=out.patches[i],
+            title=f"label {CLASSES[int(y[i])]}, predicted {CLASSES[int(pred[i])]}",
+        )
+        names.append(str(path.relative_to(out_dir)))
+    return names
+
+
+def run(
+    cfg: dict[str, Any],
+    out_dir: Path,
+    *,
+    config_path: str = "<dict>",
+    resume_run: bool = False,
+    progress: bool | None = None,
+) -> dict[str, Any]:
+    """Train and evaluate ATS and the low-res CNN; write and return ``results.json``."""
+    t_run = time.perf_counter()
+    device = pick_device(cfg["device"])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cfg_file = out_dir / "config.json"
+    if resume_run and cfg_file.exists():
+        check_resume_config(json.loads(cfg_file.read_text()), cfg, str(out_dir))
+    cfg_file.write_text(json.dumps(cfg, indent=2) + "\n")
+    train_ds, test_ds = build_datasets(cfg)
+    t = cfg["train"]
+    train_labels = list(train_ds.labels)
+    weights = class_balanced_weights(train_labels, len(CLASSES)) if t["class_balanced"] else None
+    results: dict[str, Any] = {
+        "benchmark": "speed_limits",
+        "config_file": config_path,
+        "config": cfg,
+        "data": {
+            "train_source": train_ds.source,
+            "test_source": test_ds.source,
+            "n_train": len(train_ds),
+            "n_test": len(test_ds),
+            "train_class_counts": [train_labels.count(c) for c in range(len(CLASSES))],
+            "classes": list(CLASSES),
+        },
+        "device": str(device),
+        "machine": describe_machine(),
+        "versions": library_versions(),
+        "models": {},
+    }
+    budget = t["time_budget_minutes"]
+    cost_batch = _batch(test_ds, cfg["report"]["cost_batch_size"])
+
+    def schedule(opt: torch.optim.Optimizer) -> Any:
+        return torch.optim.lr_scheduler.MultiStepLR(opt, t["lr_decay_epochs"], t["lr_decay_factor"])
+
+    # ---- ATS
+    seed_everything(cfg["seed"])
+    model = build_ats(cfg).to(device)
+    opt = torch.optim.Adam(param_groups(model, t["lr"], t["head_lr_multiplier"]), lr=t["lr"])
+    sched = schedule(opt)
+    gens = {
+        "shuffle": torch.Generator().manual_seed(cfg["seed"]),
+        "augment": torch.Generator().manual_seed(cfg["seed"] + 3),
+        "sample": torch.Generator(device=device).manual_seed(cfg["seed"] + 1),
+        "eval": torch.Generator(device=device).manual_seed(cfg["seed"] + 2),
+    }
+    eval_kwargs = {"sampler": cfg["model"]["eval_sampler"]} if cfg["model"]["eval_sampler"] else {}
+    history = fit(
+        model,
+        opt,
+        _loader(train_ds, t["batch_size"], True, cfg, device, gens["shuffle"]),
+        epochs=t["epochs"],
+        out_dir=out_dir,
+        name="ats",
+        eval_loader=_loader(test_ds, t["batch_size"], False, cfg, device),
+        eval_every=t["eval_every"],
+        forward=sts_forward(
+            cfg, train=True, generator=gens["sample"], aug_generator=gens["augment"]
+        ),
+        eval_forward=sts_forward(cfg, train=False, generator=gens["eval"], **eval_kwargs),
+        device=device,
+        scheduler=sched,
+        entropy_lambda=t["entropy_lambda"],
+        class_weights=weights,
+        clip_norm=t["clip_norm"],
+        config=cfg,
+        generators=gens,
+        checkpoint_every=t["checkpoint_every"],
+        resume_run=resume_run,
+        time_budget_s=None if budget is None else 60.0 * budget,
+        progress=progress,
+    )
+    results["models"]["ats"] = summarise_history(history, t["epochs"], len(train_ds))
+    results["models"]["ats"]["cost"] = _measure(
+        model,
+        cost_batch,
+        sts_forward(cfg, train=False, generator=torch.Generator(device=device).manual_seed(0)),
+        device,
+        cfg["report"]["cost_repeats"],
+    )
+    results["models"]["ats"]["figures"] = save_figures(model, test_ds, cfg, out_dir, device)
+    del model, opt
+
+    # ---- baseline: a CNN on the low-res view
+    b = cfg["baselines"]["low_res_cnn"]
+    if b["enabled"]:
+        seed_everything(cfg["seed"])
+        cnn = BaselineCNN(
+            3, len(CLASSES), b["width"], b["depth"], b["stem_kernel"], b["stem_stride"], b["pool"]
+        ).to(device)
+        bopt = torch.optim.Adam(param_groups(cnn, b["lr"], t["head_lr_multiplier"]), lr=b["lr"])
+        bgens = {
+            "shuffle": torch.Generator().manual_seed(cfg["seed"]),
+            "augment": torch.Generator().manual_seed(cfg["seed"] + 3),
+        }
+        bs = b["batch_size"] or t["batch_size"]
+        epochs = b["epochs"] or t["epochs"]
+        history = fit(
+            cnn,
+            bopt,
+            _loader(train_ds, bs, True, cfg, device, bgens["shuffle"]),
+            epochs=epochs,
+            out_dir=out_dir,
+            name="low_res_cnn",
+            eval_loader=_loader(test_ds, bs, False, cfg, device),
+            eval_every=t["eval_every"],
+            forward=sts_forward(
+                cfg, train=True, kind="low_res_cnn", aug_generator=bgens["augment"]
+            ),
+            eval_forward=sts_forward(cfg, train=False, kind="low_res_cnn"),
+            device=device,
+            scheduler=schedule(bopt),
+            class_weights=weights,
+            clip_norm=t["clip_norm"],
+            config=cfg,
+            generators=bgens,
+            checkpoint_every=t["checkpoint_every"],
+            resume_run=resume_run,
+            time_budget_s=None
+            if b["time_budget_minutes"] is None
+            else 60.0 * b["time_budget_minutes"],
+            progress=progress,
+        )
+        results["models"]["low_res_cnn"] = summarise_history(history, epochs, len(train_ds))
+        results["models"]["low_res_cnn"]["cost"] = _measure(
+            cnn,
+            cost_batch,
+            sts_forward(cfg, train=False, kind="low_res_cnn"),
+            device,
+            cfg["report"]["cost_repeats"],
+        )
+    results["wall_time_s"] = time.perf_counter() - t_run
+    results["complete"] = all(
+        m.get("epochs_completed") == m.get("epochs_planned") for m in results["models"].values()
+    )
+    write_json(out_dir / "results.json", results)
+    return results
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m pipelines.speed_limits",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--config", required=True, help="YAML config (see configs/)")
+    p.add_argument("--data-root", help="STS folder with Set1/ and Set2/ (overrides data.root)")
+    p.add_argument("--out", help="output folder (default runs/<config name>)")
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoints")
+    p.add_argument("--device", help="cpu, cuda, cuda:N or auto (overrides the config)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = load_yaml_config(args.config, SCHEMA)
+        check_choices(cfg, args.config, _CHOICES)
+        _check_lists(cfg, args.config)
+    except (ConfigError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.data_root:
+        cfg["data"]["root"] = args.data_root
+    if args.device:
+        cfg["device"] = args.device
+    out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
+    res = run(
+        cfg,
+        out,
+        config_path=str(args.config),
+        resume_run=args.resume,
+        progress=False if args.no_progress else None,
+    )
+    summary = {
+        k: {kk: v.get(kk) for kk in ("test_error", "epochs_completed")}
+        for k, v in res["models"].items()
+    }
+    print(json.dumps({"out": str(out), "models": summary}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,204 @@
+"""Training engine: loss, metrics, atomic checkpoints, weights-only resume, config checks."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from ats_wsi import training
+from ats_wsi.training import (
+    REQUIRED,
+    ConfigError,
+    PeakMemory,
+    StepOutput,
+    class_balanced_weights,
+    compute_loss,
+    evaluate,
+    fit,
+    load_checkpoint,
+    load_yaml_config,
+    read_jsonl,
+    save_checkpoint,
+    truncate_jsonl,
+)
+
+
+def _data(n: int = 32) -> TensorDataset:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 4, generator=g)
+    y = (x[:, 0] > 0).long()
+    return TensorDataset(x, y)
+
+
+def _forward(model: nn.Module, batch, device) -> StepOutput:
+    x, y = batch
+    return StepOutput(model(x.to(device)), y.to(device))
+
+
+def _setup(seed: int = 0):
+    torch.manual_seed(seed)
+    model = nn.Linear(4, 2)
+    opt = torch.optim.Adam(model.parameters(), lr=0.05)
+    # MultiStepLR keeps a Counter in its state: must survive the weights-only round trip.
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[2, 4], gamma=0.1)
+    shuffle = torch.Generator().manual_seed(1)
+    loader = DataLoader(_data(), batch_size=8, shuffle=True, generator=shuffle)
+    return model, opt, sched, shuffle, loader
+
+
+def _fit(out: Path, epochs: int, resume: bool = False, **kw):
+    model, opt, sched, shuffle, loader = _setup()
+    hist = fit(
+        model,
+        opt,
+        loader,
+        epochs=epochs,
+        out_dir=out,
+        forward=_forward,
+        eval_loader=DataLoader(_data(16), batch_size=8),
+        scheduler=sched,
+        generators={"shuffle": shuffle},
+        config={"lr": 0.05, "nested": {"a": [1, 2]}},
+        resume_run=resume,
+        progress=False,
+        **kw,
+    )
+    return model, hist
+
+
+def test_loss_parts_and_class_weights() -> None:
+    logits = torch.tensor([[2.0, 0.0], [0.0, 1.0], [1.0, 0.0]])
+    y = torch.tensor([0, 1, 1])
+    probs = torch.tensor([[0.5, 0.5], [1.0, 0.0], [0.25, 0.75]])
+    loss, parts = compute_loss(StepOutput(logits, y, probs), entropy_lambda=0.1)
+    reg = (probs * torch.log(probs + 1e-6)).sum() / 3
+    ce = nn.functional.cross_entropy(logits, y)
+    torch.testing.assert_close(loss, ce + 0.1 * reg)
+    assert parts["entropy_reg"] == pytest.approx(float(reg))
+    w = class_balanced_weights([0, 1, 1, 1], 3)
+    torch.testing.assert_close(w, torch.tensor([4 / 3, 4 / 9, 0.0]))
+    wl, _ = compute_loss(StepOutput(logits, y), class_weights=w[:2])
+    torch.testing.assert_close(wl, nn.functional.cross_entropy(logits, y, weight=w[:2]))
+
+
+def test_evaluate_metrics() -> None:
+    model = nn.Linear(4, 2)
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[-1.0, 0, 0, 0], [1.0, 0, 0, 0]]))
+        model.bias.zero_()
+    m = evaluate(model, DataLoader(_data(), batch_size=5), forward=_forward, progress=False)
+    assert m["test_accuracy"] == 1.0 and m["test_balanced_accuracy"] == 1.0
+    assert m["test_error"] == 0.0 and m["test_n"] == 32
+
+
+def test_checkpoint_is_atomic_and_weights_only(tmp_path: Path, monkeypatch) -> None:
+    model, opt, sched, shuffle, _ = _setup()
+    path = save_checkpoint(
+        tmp_path / "c.pt",
+        model=model,
+        optimizer=opt,
+        scheduler=sched,
+        epoch=3,
+        config={"a": 1},
+        generators={"shuffle": shuffle},
+    )
+    ckpt = torch.load(path, weights_only=True)  # plain types and tensors only
+    assert ckpt["epoch"] == 3 and ckpt["config"] == {"a": 1}
+    assert ckpt["versions"]["torch"] == torch.__version__
+    assert set(ckpt["rng"]) == {"torch", "shuffle"}
+    assert oct(path.stat().st_mode & 0o777) != "0o600"  # not the temp file's mode
+    before = path.read_bytes()
+
+    def boom(*a, **k):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(training.torch, "save", boom)
+    with pytest.raises(RuntimeError, match="disk full"):
+        save_checkpoint(path, model=model, epoch=4)
+    assert path.read_bytes() == before  # the old checkpoint survived the failed write
+    assert sorted(os.listdir(tmp_path)) == ["c.pt"]  # and no temp file was left behind
+    assert load_checkpoint(path)["epoch"] == 3
+
+
+def test_resume_continues_without_duplicate_log_lines(tmp_path: Path) -> None:
+    ref_model, ref_hist = _fit(tmp_path / "ref", epochs=5)
+    assert [r["epoch"] for r in ref_hist] == [1, 2, 3, 4, 5]
+
+    out = tmp_path / "run"
+    _fit(out, epochs=3)
+    # A run that died after logging epoch 4 but before checkpointing it: the resumed run must
+    # drop that line and redo epoch 4.
+    training.append_jsonl(out / "ats_metrics.jsonl", {"epoch": 4, "train_loss": -1.0})
+    model, hist = _fit(out, epochs=5, resume=True)
+    assert [r["epoch"] for r in hist] == [1, 2, 3, 4, 5]
+    assert [r["epoch"] for r in read_jsonl(out / "ats_metrics.jsonl")] == [1, 2, 3, 4, 5]
+    # Model, optimizer, scheduler and shuffling state all came back: same result as one run.
+    for a, b in zip(model.state_dict().values(), ref_model.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b)
+    assert hist[-1]["lr"] == ref_hist[-1]["lr"] == pytest.approx(0.05 * 0.01)
+    for k in ("train_loss", "test_loss"):
+        assert hist[-1][k] == pytest.approx(ref_hist[-1][k])
+
+    # Resuming a finished run trains nothing and keeps the log as it is.
+    _, again = _fit(out, epochs=5, resume=True)
+    assert [r["epoch"] for r in again] == [1, 2, 3, 4, 5]
+    # A fresh (non-resumed) run starts a new log.
+    _, fresh = _fit(out, epochs=1)
+    assert [r["epoch"] for r in fresh] == [1]
+
+
+def test_time_budget_stops_after_a_checkpointed_epoch(tmp_path: Path) -> None:
+    _, hist = _fit(tmp_path, epochs=50, time_budget_s=0.0)
+    assert [r["epoch"] for r in hist] == [1]
+    assert load_checkpoint(tmp_path / "ats_checkpoint.pt")["epoch"] == 1
+
+
+def test_truncate_jsonl_and_torn_last_line(tmp_path: Path) -> None:
+    p = tmp_path / "m.jsonl"
+    for e in (1, 2, 3):
+        training.append_jsonl(p, {"epoch": e})
+    with open(p, "a") as fh:
+        fh.write('{"epoch": 4, "tr')  # interrupted write
+    assert [r["epoch"] for r in read_jsonl(p)] == [1, 2, 3]
+    assert truncate_jsonl(p, 2) == 2
+    assert p.read_text() == '{"epoch": 1}\n{"epoch": 2}\n'
+
+
+def test_peak_memory_cpu() -> None:
+    with PeakMemory() as mem:
+        a = torch.ones(1024, 1024)  # 4 MiB
+        b = a * 2  # 4 MiB
+        del a, b
+        c = torch.ones(512, 1024)  # 2 MiB, after the others were freed
+        _ = c.view(-1)  # a view allocates nothing
+    assert mem.peak == 8 * 2**20
+
+
+def test_load_yaml_config_errors_name_file_and_key(tmp_path: Path) -> None:
+    schema = {
+        "seed": ((int,), 0),
+        "train": {"lr": ((int, float), 1e-3), "epochs": ((int,), REQUIRED)},
+    }
+    p = tmp_path / "c.yaml"
+    p.write_text("train:\n  epochs: 3\n  lr: 1\n")
+    assert load_yaml_config(p, schema) == {"seed": 0, "train": {"lr": 1.0, "epochs": 3}}
+    cases = {
+        "train:\n  epochs: 3\n  lrr: 1\n": "unknown key 'train.lrr'",
+        "train:\n  epochs: 3\n  lr: fast\n": "'train.lr' must be int or float, got str",
+        "seed: true\ntrain:\n  epochs: 3\n": "'seed' must be int, got bool",
+        "train: {}\n": "missing required key 'train.epochs'",
+        "train: 3\n": "train. must be a mapping",
+        "seed: !!python/object/apply:os.system ['echo hi']\n": "not valid YAML",
+    }
+    for text, msg in cases.items():
+        p.write_text(text)
+        with pytest.raises(ConfigError, match=str(p).replace(".", r"\.") + ".*"):
+            load_yaml_config(p, schema)
+        with pytest.raises(ConfigError) as info:
+            load_yaml_config(p, schema)
+        assert msg in str(info.value), (text, str(info.value))
