@@ -1,0 +1,490 @@
+"""Per-slide forward passes, the slide training / evaluation loops, and single-slide inference.
+
+Slides differ in size, so a "batch" is a loop of one-slide forwards whose gradients are
+accumulated (``accumulate`` slides per optimiser step). Each forward: the slide's low-res view
+at ``attention_mpp`` (from a :class:`~ats_wsi.io.prefetch.LowResItem`, loaded ahead by dask),
+the tissue mask brought onto the attention grid (only tissue cells may be sampled), and the
+sampled patches read at ``patch_mpp`` through a :class:`~ats_wsi.io.SlidePatchSource` in level-0
+coordinates. Works under ``torch.distributed`` (DDP, gradients synchronised once per step).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import zlib
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ats_wsi.attention import entropy_regulariser
+from ats_wsi.io import LowResItem, LowResLoader, Prefetcher, SlidePatchSource, mask_to_grid
+from ats_wsi.io.readers import open_slide
+from ats_wsi.model import ATSModel, ATSOutput
+from ats_wsi.nets import ConvStack
+
+__all__ = [
+    "LowResBaseline",
+    "SlideResult",
+    "SlideSettings",
+    "ViewStore",
+    "classification_metrics",
+    "predict_slide",
+    "run_slides",
+    "slide_generator",
+]
+
+# H&E pixels in [0, 1] are centred and scaled before both nets (fixed, not learnt, so that a
+# checkpoint carries no data-dependent statistics).
+_MEAN, _STD = 0.5, 0.25
+
+
+@dataclass(frozen=True)
+class SlideSettings:
+    """Where the model reads a slide (resolutions in microns per pixel).
+
+    Attributes:
+        attention_mpp: resolution of the low-res view the attention net sees.
+        patch_mpp: resolution of the patches the feature net sees.
+        patch_size: patch side in pixels at ``patch_mpp``.
+        min_tissue: tissue fraction a cell needs to be sampled; 0 disables the tissue mask.
+        backend: reader backend (None: from the file name).
+        slide_mpp: level-0 mpp overriding the file's metadata.
+        read_workers: threads reading the patches of one slide.
+    """
+
+    attention_mpp: float = 16.0
+    patch_mpp: float = 0.5
+    patch_size: int = 32
+    min_tissue: float = 0.1
+    backend: str | None = None
+    slide_mpp: float | None = None
+    read_workers: int = 4
+
+    @classmethod
+    def from_dict(cls, cfg: dict[str, Any]) -> SlideSettings:
+        """Build from plain data (unknown keys are an error)."""
+        unknown = set(cfg) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown slide settings: {sorted(unknown)}")
+        return cls(**cfg)
+
+    def loader(self) -> LowResLoader:
+        """The picklable low-res view loader for these settings."""
+        return LowResLoader(
+            mpp=self.attention_mpp,
+            tissue=self.min_tissue > 0,
+            backend=self.backend,
+            slide_mpp=self.slide_mpp,
+        )
+
+
+class _Normalised:
+    """A :class:`~ats_wsi.patches.PatchSource` view of another source, normalised like x_low."""
+
+    def __init__(self, source: SlidePatchSource) -> None:
+        self.source = source
+        self.shape = source.shape
+        self.patch_size = source.patch_size
+
+    def extract(self, top_left: Tensor) -> Tensor:
+        return (self.source.extract(top_left) - _MEAN) / _STD
+
+
+def _normalise(x: Tensor) -> Tensor:
+    return (x - _MEAN) / _STD
+
+
+def slide_generator(
+    seed: int, slide_id: str, epoch: int = 0, device: Any = "cpu"
+) -> torch.Generator:
+    """A generator seeded from (seed, slide, epoch): the same draws whatever process runs it."""
+    key = zlib.crc32(f"{seed}:{epoch}:{slide_id}".encode())
+    return torch.Generator(device=device).manual_seed(key)
+
+
+_GRID_CACHE: dict[tuple[int, int, int], tuple[int, int]] = {}
+
+
+def attention_grid(net: nn.Module, low_hw: tuple[int, int], device: Any) -> tuple[int, int]:
+    """(a_h, a_w) of ``net``'s map for a view of ``low_hw`` (probed once per size)."""
+    key = (id(net), int(low_hw[0]), int(low_hw[1]))
+    if key not in _GRID_CACHE:
+        with torch.no_grad():
+            probe = net(torch.zeros(1, 3, *low_hw, device=device))
+        _GRID_CACHE[key] = (int(probe.shape[-2]), int(probe.shape[-1]))
+    return _GRID_CACHE[key]
+
+
+def tissue_grid(
+    item: LowResItem, grid: tuple[int, int], settings: SlideSettings, rf: int
+) -> Tensor | None:
+    """(1, a_h, a_w) bool mask of cells with enough tissue, or None without a tissue mask."""
+    if item.mask is None or settings.min_tissue <= 0:
+        return None
+    cells = mask_to_grid(
+        item.mask,
+        grid,
+        settings.min_tissue,
+        receptive_field=rf,
+        low_size=item.image.shape[:2],
+        slide=item.path,
+    )
+    return torch.from_numpy(cells)[None]
+
+
+class LowResBaseline(nn.Module):
+    """The control model: sees only the low-res view (convs, mean + max over tissue, linear).
+
+    It has the same input as the attention net, so whatever it cannot learn is not visible at
+    the attention resolution.
+    """
+
+    def __init__(self, in_channels: int = 3, width: int = 16, num_classes: int = 2) -> None:
+        super().__init__()
+        self.trunk = ConvStack([in_channels, width, width, width], 3, "same", final_relu=True)
+        self.head = nn.Linear(2 * width, num_classes)
+
+    def forward(self, x_low: Tensor, mask: Tensor | None = None) -> Tensor:
+        h = self.trunk(x_low)
+        if mask is None:
+            mask = torch.ones(h.shape[0], *h.shape[-2:], dtype=torch.bool, device=h.device)
+        m = mask[:, None].to(h.dtype)
+        mean = (h * m).sum((-2, -1)) / m.sum((-2, -1)).clamp_min(1)
+        peak = h.masked_fill(~mask[:, None], float("-inf")).amax((-2, -1))
+        return self.head(torch.cat([mean, peak], 1))
+
+
+# ----------------------------------------------------------------------------- views
+
+
+class ViewStore:
+    """Low-res views in a given order, loaded ahead on a dask client, optionally kept.
+
+    Args:
+        loader: path -> :class:`LowResItem` (runs on dask workers).
+        depth: loads in flight; 0 loads synchronously in this process.
+        client: dask client to use (one is started on first use otherwise).
+        cache: keep every view in memory after its first load (small cohorts).
+    """
+
+    def __init__(
+        self, loader: LowResLoader, depth: int = 4, client: Any = None, cache: bool = True
+    ) -> None:
+        self.loader = loader
+        self.depth = depth
+        self.client = client
+        self.cache: dict[str, LowResItem] | None = {} if cache else None
+
+    def iterate(self, paths: Sequence[str]) -> Iterator[tuple[str, LowResItem | Exception]]:
+        """``(path, view or the exception its load raised)`` in the order of ``paths``."""
+        cached = self.cache or {}
+        missing = [p for p in paths if p not in cached]
+        fetched: Iterator[tuple[str, Any]]
+        if not missing:
+            fetched = iter(())
+        elif self.depth > 0:
+            fetched = iter(Prefetcher(missing, self.loader, self.depth, client=self._client()))
+        else:
+            fetched = ((p, _safe(self.loader, p)) for p in missing)
+        for p in paths:
+            if p in cached:
+                yield p, cached[p]
+                continue
+            _, item = next(fetched)
+            if self.cache is not None and not isinstance(item, Exception):
+                self.cache[p] = item
+            yield p, item
+
+    def _client(self) -> Any:
+        if self.client is None:
+            from distributed import Client
+
+            # Threads: OpenSlide releases the GIL and nothing has to be pickled.
+            self.client = Client(
+                processes=False,
+                n_workers=1,
+                threads_per_worker=max(1, self.depth),
+                dashboard_address=":0",
+            )
+        return self.client
+
+    def close(self) -> None:
+        """Close the dask client if this store started it."""
+        if self.client is not None:
+            self.client.close()
+            self.client = None
+
+
+def _safe(fn: Callable[[str], Any], p: str) -> Any:
+    try:
+        return fn(p)
+    except Exception as e:  # handed to the caller like Prefetcher does
+        return e
+
+
+# ----------------------------------------------------------------------------- forwards
+
+
+def _core(model: nn.Module) -> nn.Module:
+    return model.module if hasattr(model, "module") else model
+
+
+def ats_slide_forward(
+    model: nn.Module,
+    item: LowResItem,
+    settings: SlideSettings,
+    device: torch.device,
+    *,
+    n_patches: int | None = None,
+    sampler: str | None = None,
+    generator: torch.Generator | None = None,
+) -> ATSOutput:
+    """One slide through an (optionally DDP-wrapped) :class:`ATSModel`."""
+    core = _core(model)
+    x_low = _normalise(item.view()).to(device)
+    grid = attention_grid(core.attention_net, tuple(x_low.shape[-2:]), device)
+    mask = tissue_grid(item, grid, settings, core.receptive_field)
+    with (
+        open_slide(item.path, settings.backend, settings.slide_mpp) as reader,
+        SlidePatchSource(
+            reader, settings.patch_size, settings.patch_mpp, settings.read_workers
+        ) as source,
+    ):
+        return model(
+            x_low,
+            _Normalised(source),
+            None if mask is None else mask.to(device),
+            n_patches=n_patches,
+            sampler=sampler,
+            generator=generator,
+        )
+
+
+def baseline_slide_forward(
+    model: nn.Module, item: LowResItem, settings: SlideSettings, device: torch.device
+) -> Tensor:
+    """One slide through the low-res-only baseline; returns logits (1, C)."""
+    x_low = _normalise(item.view()).to(device)
+    mask = None
+    if item.mask is not None and settings.min_tissue > 0:
+        mask = torch.from_numpy(item.mask)[None].to(device)
+    return model(x_low, mask)
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def classification_metrics(
+    y: Sequence[int], probs: np.ndarray, losses: Sequence[float], prefix: str = ""
+) -> dict[str, float | None]:
+    """Mean loss, accuracy, balanced accuracy and ROC AUC (None when undefined)."""
+    from sklearn.metrics import balanced_accuracy_score
+
+    from ats_wsi.slides.export import roc_auc
+
+    y_arr = np.asarray(y, dtype=np.int64)
+    if len(y_arr) == 0:
+        return {f"{prefix}n": 0}
+    pred = probs.argmax(1)
+    return {
+        f"{prefix}loss": float(np.mean(losses)),
+        f"{prefix}accuracy": float((pred == y_arr).mean()),
+        f"{prefix}balanced_accuracy": float(balanced_accuracy_score(y_arr, pred)),
+        f"{prefix}auc": roc_auc(y_arr, probs),
+        f"{prefix}n": len(y_arr),
+    }
+
+
+# ----------------------------------------------------------------------------- loops
+
+
+@dataclass
+class SlideRecord:
+    """One manifest row as the loops need it."""
+
+    slide_id: str
+    path: str
+    y: int
+    case_id: str = ""
+
+
+def _autocast(device: torch.device, amp: bool) -> contextlib.AbstractContextManager[Any]:
+    if amp and device.type == "cuda":
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.autocast("cuda", dtype=dtype)
+    return contextlib.nullcontext()
+
+
+def run_slides(
+    model: nn.Module,
+    records: Sequence[SlideRecord],
+    views: ViewStore,
+    settings: SlideSettings,
+    *,
+    kind: str = "ats",
+    optimizer: torch.optim.Optimizer | None = None,
+    device: torch.device | str = "cpu",
+    class_weights: Tensor | None = None,
+    entropy_lambda: float = 0.0,
+    accumulate: int = 1,
+    clip_norm: float | None = None,
+    amp: bool = True,
+    scaler: Any = None,
+    sampler: str | None = None,
+    n_patches: int | None = None,
+    seed: int = 0,
+    epoch: int = 0,
+    progress: Callable[[Iterable[Any]], Iterable[Any]] | None = None,
+) -> tuple[list[int], np.ndarray, list[float], list[str]]:
+    """Train (``optimizer`` given) or evaluate ``model`` over ``records``, one slide at a time.
+
+    ``kind`` is ``"ats"`` (an :class:`ATSModel`) or ``"baseline"`` (:class:`LowResBaseline`).
+    Training accumulates gradients over ``accumulate`` slides per step; under DDP the gradient
+    all-reduce happens only on the step's last slide. The loss of a slide is its class weight
+    times its cross-entropy (a per-sample weight: ``F.cross_entropy(weight=...)`` would divide it
+    out again for a one-slide batch) plus ``entropy_lambda`` times the entropy regulariser.
+
+    Returns (targets, probabilities (n, C), losses, slide ids) of the slides seen, in order.
+    """
+    device = torch.device(device)
+    train = optimizer is not None
+    model.train(train)
+    weights = None if class_weights is None else class_weights.to(device)
+    ys: list[int] = []
+    probs: list[np.ndarray] = []
+    losses: list[float] = []
+    ids: list[str] = []
+    by_path = {r.path: r for r in records}
+    stream: Iterable[Any] = views.iterate([r.path for r in records])
+    if progress is not None:
+        stream = progress(stream)
+    n = len(records)
+    if train:
+        optimizer.zero_grad(set_to_none=True)
+    for k, (path, item) in enumerate(stream):
+        rec = by_path[path]
+        if isinstance(item, Exception):
+            raise item
+        last_of_step = (k + 1) % accumulate == 0 or k == n - 1
+        sync = contextlib.nullcontext()
+        if train and not last_of_step and hasattr(model, "no_sync"):
+            sync = model.no_sync()
+        target = torch.tensor([rec.y], device=device)
+        with sync, torch.set_grad_enabled(train):
+            with _autocast(device, amp):
+                if kind == "ats":
+                    gen = slide_generator(seed, rec.slide_id, epoch, device)
+                    out = ats_slide_forward(
+                        model,
+                        item,
+                        settings,
+                        device,
+                        n_patches=n_patches,
+                        sampler=sampler,
+                        generator=gen,
+                    )
+                    logits, att = out.logits, out.probs
+                else:
+                    logits, att = baseline_slide_forward(model, item, settings, device), None
+            logits = logits.float()
+            ce = F.cross_entropy(logits, target, reduction="none")[0]
+            loss = ce * (weights[rec.y] if weights is not None else 1.0)
+            if entropy_lambda and att is not None:
+                loss = loss + entropy_lambda * entropy_regulariser(att.float())
+            if train:
+                scaled = loss / accumulate
+                (scaler.scale(scaled) if scaler is not None else scaled).backward()
+        if train and last_of_step:
+            if scaler is not None:
+                scaler.unscale_(optimizer)
+            if clip_norm:
+                nn.utils.clip_grad_norm_(model.parameters(), clip_norm)
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        ys.append(rec.y)
+        probs.append(torch.softmax(logits.detach(), 1)[0].cpu().numpy())
+        losses.append(float(ce.detach()))
+        ids.append(rec.slide_id)
+    width = probs[0].shape[0] if probs else 0
+    return ys, np.array(probs).reshape(len(probs), width), losses, ids
+
+
+# ----------------------------------------------------------------------------- inference
+
+
+@dataclass
+class SlideResult:
+    """What inference produced for one slide (arrays are numpy, coordinates level-0).
+
+    ``locations_xy`` are the top-left (x, y) of the sampled patches in draw order, ``scores``
+    their attention, ``patches`` (N, 3, p, p) float in [0, 1].
+    """
+
+    probs: np.ndarray
+    attention: np.ndarray
+    mask: np.ndarray | None
+    locations_xy: np.ndarray
+    scores: np.ndarray
+    patches: np.ndarray
+    patch_size_level0: int
+    thumbnail: np.ndarray
+    dimensions: tuple[int, int]
+    mpp: tuple[float, float]
+    runtime_s: float
+
+    def summary(self) -> dict[str, Any]:
+        """Plain-data fields for logs."""
+        d = asdict(self)
+        for k in ("attention", "mask", "locations_xy", "scores", "patches", "thumbnail", "probs"):
+            d.pop(k)
+        return d
+
+
+@torch.no_grad()
+def predict_slide(
+    model: ATSModel,
+    path: str,
+    settings: SlideSettings,
+    *,
+    device: torch.device | str = "cpu",
+    sampler: str = "topk",
+    n_patches: int | None = None,
+    seed: int = 0,
+    slide_id: str = "",
+    item: LowResItem | None = None,
+) -> SlideResult:
+    """Run one slide (raises the slide's I/O errors; callers turn them into error rows)."""
+    device = torch.device(device)
+    t0 = time.perf_counter()
+    model.eval()
+    item = item if item is not None else settings.loader()(path)
+    gen = slide_generator(seed, slide_id or path, 0, device)
+    out = ats_slide_forward(
+        model, item, settings, device, n_patches=n_patches, sampler=sampler, generator=gen
+    )
+    locations = out.locations[0].cpu().numpy()
+    grid = tuple(out.attention.shape[-2:])
+    mask = tissue_grid(item, grid, settings, model.receptive_field)
+    return SlideResult(
+        probs=torch.softmax(out.logits.float(), 1)[0].cpu().numpy(),
+        attention=out.attention[0].float().cpu().numpy(),
+        mask=None if mask is None else mask[0].numpy(),
+        locations_xy=locations[:, ::-1].copy(),
+        scores=out.probs[0, out.indices[0]].float().cpu().numpy(),
+        patches=out.patches[0].float().mul(_STD).add(_MEAN).clamp(0, 1).cpu().numpy(),
+        patch_size_level0=int(out.patches.shape[-1] * settings.patch_mpp / item.mpp[0] + 0.5),
+        thumbnail=item.image,
+        dimensions=item.dimensions,
+        mpp=item.mpp,
+        runtime_s=time.perf_counter() - t0,
+    )

@@ -1,0 +1,271 @@
+"""What slide inference leaves on disk: a crash-safe predictions CSV, heatmaps, zarr, GeoJSON.
+
+:class:`PredictionsCSV` appends one row per slide with flush + fsync, writes the header once,
+and on reopening repairs a torn last line (the process was killed mid-write) and reports the
+slides already done, so a rerun neither loses nor duplicates rows.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
+from os import PathLike
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "PredictionsCSV",
+    "prediction_columns",
+    "save_attention_zarr",
+    "save_geojson",
+    "save_heatmap",
+    "summarise_predictions",
+]
+
+
+def prediction_columns(classes: Sequence[str]) -> list[str]:
+    """CLAM's ``slide_id, Y, Y_hat, p_0..p_{C-1}`` followed by our extra columns."""
+    return [
+        "slide_id",
+        "Y",
+        "Y_hat",
+        *(f"p_{i}" for i in range(len(classes))),
+        "case_id",
+        "label",
+        "pred_label",
+        "n_patches",
+        "sampler",
+        "attention_mpp",
+        "patch_mpp",
+        "runtime_s",
+        "error",
+    ]
+
+
+class PredictionsCSV:
+    """Append-only predictions file that survives being killed at any moment.
+
+    Args:
+        path: the CSV.
+        columns: header; an existing file must have the same header.
+        retry_errors: treat rows with a non-empty ``error`` as not done (they are dropped from
+            the file, so the retried slide does not appear twice).
+    """
+
+    def __init__(
+        self, path: str | PathLike[str], columns: Sequence[str], retry_errors: bool = False
+    ) -> None:
+        self.path = Path(path)
+        self.columns = list(columns)
+        self.done: dict[str, dict[str, str]] = {}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.exists() and self.path.stat().st_size > 0:
+            self._repair(retry_errors)
+        else:
+            self._write_text(self._format(self.columns))
+
+    @staticmethod
+    def _format(values: Sequence[Any]) -> str:
+        buf = io.StringIO()
+        csv.writer(buf, lineterminator="\n").writerow(values)
+        return buf.getvalue()
+
+    def _write_text(self, text: str, mode: str = "w") -> None:
+        with open(self.path, mode, encoding="utf-8", newline="") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    def _repair(self, retry_errors: bool) -> None:
+        raw = self.path.read_bytes()
+        # A row is written with one write() ending in "\n": anything after the last newline is
+        # the remains of a killed write.
+        cut = raw.rfind(b"\n") + 1
+        text = raw[:cut].decode("utf-8", errors="replace")
+        rows = list(csv.reader(io.StringIO(text)))
+        if not rows:
+            self._write_text(self._format(self.columns))
+            return
+        if rows[0] != self.columns:
+            raise ValueError(
+                f"{self.path}: existing header {rows[0]} differs from {self.columns}; "
+                "write to a new file or delete this one"
+            )
+        kept = []
+        for row in rows[1:]:
+            if len(row) != len(self.columns):
+                continue  # a damaged row: its slide is simply redone
+            record = dict(zip(self.columns, row, strict=True))
+            if retry_errors and record.get("error"):
+                continue
+            self.done[record["slide_id"]] = record
+            kept.append(row)
+        if cut != len(raw) or len(kept) != len(rows) - 1:
+            body = "".join(self._format(r) for r in [self.columns, *kept])
+            tmp = self.path.with_name(f".{self.path.name}.tmp")
+            tmp.write_text(body, encoding="utf-8")
+            os.replace(tmp, self.path)
+
+    def write(self, row: Mapping[str, Any]) -> None:
+        """Append one row (missing columns empty) and make it durable before returning."""
+        values = ["" if row.get(c) is None else _cell(row.get(c)) for c in self.columns]
+        self._write_text(self._format(values), mode="a")
+        self.done[str(row["slide_id"])] = dict(zip(self.columns, values, strict=True))
+
+    def __contains__(self, slide_id: object) -> bool:
+        return slide_id in self.done
+
+
+def _cell(v: Any) -> Any:
+    if isinstance(v, float):
+        return "" if math.isnan(v) else f"{v:.6g}"
+    return v
+
+
+def summarise_predictions(rows: Iterable[Mapping[str, Any]], classes: Sequence[str]) -> dict:
+    """Slide-level metrics over rows that have a label and no error.
+
+    Returns ``n``, ``n_errors``, ``accuracy``, ``balanced_accuracy``, ``auc`` (binary: of
+    ``p_1``; multi-class: one-vs-rest macro; None when only one class is present) and the
+    confusion matrix.
+    """
+    from sklearn.metrics import balanced_accuracy_score, confusion_matrix
+
+    rows = list(rows)
+    ok = [r for r in rows if not r.get("error") and str(r.get("Y", "")) not in ("", "-1")]
+    out: dict[str, Any] = {"n": len(ok), "n_errors": sum(1 for r in rows if r.get("error"))}
+    if not ok:
+        return out
+    y = np.array([int(r["Y"]) for r in ok])
+    pred = np.array([int(r["Y_hat"]) for r in ok])
+    probs = np.array([[float(r[f"p_{i}"]) for i in range(len(classes))] for r in ok])
+    out["accuracy"] = float((y == pred).mean())
+    with warnings.catch_warnings():
+        # sklearn warns when only one class is present; the metric is still defined.
+        warnings.simplefilter("ignore", UserWarning)
+        out["balanced_accuracy"] = float(balanced_accuracy_score(y, pred))
+    out["auc"] = roc_auc(y, probs)
+    out["confusion_matrix"] = confusion_matrix(y, pred, labels=range(len(classes))).tolist()
+    return out
+
+
+def roc_auc(y: np.ndarray, probs: np.ndarray) -> float | None:
+    """ROC AUC of class-1 scores (binary) or one-vs-rest macro; None if undefined."""
+    from sklearn.metrics import roc_auc_score
+
+    if len(np.unique(y)) < 2:
+        return None
+    if probs.shape[1] == 2:
+        return float(roc_auc_score(y, probs[:, 1]))
+    if len(np.unique(y)) < probs.shape[1]:
+        return None
+    return float(roc_auc_score(y, probs, multi_class="ovr"))
+
+
+def save_heatmap(
+    path: str | PathLike[str],
+    thumbnail: np.ndarray,
+    attention: np.ndarray,
+    mask: np.ndarray | None = None,
+    alpha: float = 0.5,
+    cmap: str = "inferno",
+) -> Path:
+    """Attention (a_h, a_w) stretched over the thumbnail (h, w, 3) uint8 and blended, as PNG.
+
+    Colours are scaled to the map's maximum (absolute probabilities are tiny on big maps);
+    cells outside ``mask`` are left uncoloured.
+    """
+    import matplotlib
+    from PIL import Image
+
+    att = np.asarray(attention, dtype=np.float64)
+    top = att.max() if att.size and att.max() > 0 else 1.0
+    colours = matplotlib.colormaps[cmap](att / top)[..., :3]
+    weight = np.full(att.shape, alpha)
+    if mask is not None:
+        weight = np.where(np.asarray(mask, dtype=bool), alpha, 0.0)
+    h, w = thumbnail.shape[:2]
+    # Nearest keeps cell boundaries honest: one attention cell is one block of colour.
+    colour_img = np.asarray(
+        Image.fromarray((colours * 255).astype(np.uint8)).resize((w, h), Image.Resampling.NEAREST)
+    ).astype(np.float64)
+    weight_img = (
+        np.asarray(
+            Image.fromarray((weight * 255).astype(np.uint8)).resize(
+                (w, h), Image.Resampling.NEAREST
+            )
+        )[..., None].astype(np.float64)
+        / 255
+    )
+    blend = (1 - weight_img) * thumbnail[..., :3] + weight_img * colour_img
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.clip(np.rint(blend), 0, 255).astype(np.uint8)).save(path)
+    return path
+
+
+def save_attention_zarr(
+    path: str | PathLike[str],
+    attention: np.ndarray,
+    locations_xy: np.ndarray,
+    scores: np.ndarray,
+    *,
+    patch_size: int,
+    attrs: Mapping[str, Any] | None = None,
+) -> Path:
+    """A zarr v3 group: ``attention`` (a_h, a_w) float32, ``coords`` (N, 2) int64 level-0
+    top-left (x, y) of the sampled patches in draw order, ``scores`` (N,) their attention."""
+    import zarr
+
+    group = zarr.open_group(Path(path), mode="w", zarr_format=3)
+    group.create_array("attention", data=np.asarray(attention, dtype=np.float32))
+    group.create_array("coords", data=np.asarray(locations_xy, dtype=np.int64).reshape(-1, 2))
+    group.create_array("scores", data=np.asarray(scores, dtype=np.float32).reshape(-1))
+    group.attrs.update(
+        {"patch_size_level0": int(patch_size), "coords_order": "x,y", **dict(attrs or {})}
+    )
+    return Path(path)
+
+
+def save_geojson(
+    path: str | PathLike[str],
+    locations_xy: np.ndarray,
+    scores: np.ndarray,
+    patch_size: int,
+    name: str = "ATS patch",
+) -> Path:
+    """Sampled patch boxes as a GeoJSON FeatureCollection QuPath imports (level-0 pixels).
+
+    Each box is a closed Polygon with properties ``objectType: annotation``, a
+    ``classification`` and its ``attention`` and draw ``rank``.
+    """
+    feats = []
+    for rank, ((x, y), s) in enumerate(
+        zip(np.asarray(locations_xy).reshape(-1, 2), np.asarray(scores).reshape(-1), strict=True)
+    ):
+        x, y, p = int(x), int(y), int(patch_size)
+        ring = [[x, y], [x + p, y], [x + p, y + p], [x, y + p], [x, y]]
+        feats.append(
+            {
+                "type": "Feature",
+                "geometry": {"type": "Polygon", "coordinates": [ring]},
+                "properties": {
+                    "objectType": "annotation",
+                    "name": f"{name} {rank}",
+                    "classification": {"name": name, "color": [255, 64, 0]},
+                    "attention": float(s),
+                    "rank": rank,
+                },
+            }
+        )
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"type": "FeatureCollection", "features": feats}))
+    return path

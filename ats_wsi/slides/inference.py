@@ -1,0 +1,328 @@
+"""Slide inference from a checkpoint: one CSV row per slide, locally or on dask.distributed.
+
+:func:`predict_record` never raises: a slide that cannot be read becomes a row whose ``error``
+column says why. :func:`predict_many` streams rows into a :class:`PredictionsCSV` as they
+arrive (``as_completed`` on dask), skipping slides the CSV already holds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ats_wsi.model import ATSModel
+from ats_wsi.slides.engine import SlideSettings, predict_slide
+from ats_wsi.slides.export import (
+    PredictionsCSV,
+    prediction_columns,
+    save_attention_zarr,
+    save_geojson,
+    save_heatmap,
+    summarise_predictions,
+)
+from ats_wsi.training import load_checkpoint
+
+__all__ = ["PredictOptions", "Predictor", "get_predictor", "predict_many", "predict_record"]
+
+
+@dataclass(frozen=True)
+class PredictOptions:
+    """How to run inference and what to write besides the CSV row.
+
+    ``sampler`` is ``topk`` (deterministic) or a training sampler (seeded per slide);
+    ``n_patches`` None uses the checkpoint's. Artefacts go to ``out_dir``/{heatmaps, gallery,
+    zarr, geojson}/<slide_id>.*.
+    """
+
+    sampler: str = "topk"
+    n_patches: int | None = None
+    seed: int = 0
+    heatmaps: bool = True
+    gallery: bool = True
+    zarr: bool = True
+    geojson: bool = False
+    device: str = "cpu"
+    torch_threads: int | None = None
+
+
+@dataclass
+class Predictor:
+    """A model restored from a checkpoint with the settings it was trained with."""
+
+    model: ATSModel
+    settings: SlideSettings
+    classes: list[str]
+    config: dict[str, Any]
+
+    @classmethod
+    def load(cls, checkpoint: str | os.PathLike[str], device: str = "cpu") -> Predictor:
+        """Restore with ``torch.load(weights_only=True)`` (via :func:`load_checkpoint`)."""
+        ckpt = load_checkpoint(checkpoint, map_location=device)
+        cfg = ckpt["config"]
+        classes = list(ckpt["extra"].get("classes") or cfg["classes"])
+        settings = SlideSettings.from_dict(dict(cfg["slides"]))
+        model = ATSModel.from_config(
+            {**cfg["model"], "num_classes": len(classes), "patch_size": settings.patch_size}
+        )
+        model.load_state_dict(ckpt["model"])
+        model.to(device).eval()
+        return cls(model, settings, classes, cfg)
+
+
+_PREDICTORS: dict[tuple[str, float, str], Predictor] = {}
+_LOCK = threading.Lock()
+
+
+def get_predictor(checkpoint: str | os.PathLike[str], device: str = "cpu") -> Predictor:
+    """The :class:`Predictor` for ``checkpoint``, loaded once per process (keyed by path and
+    modification time, so a retrained checkpoint is picked up)."""
+    path = str(Path(checkpoint).resolve())
+    key = (path, os.path.getmtime(path), device)
+    with _LOCK:
+        if key not in _PREDICTORS:
+            _PREDICTORS[key] = Predictor.load(path, device)
+        return _PREDICTORS[key]
+
+
+def _in_dask_worker() -> bool:
+    try:
+        from distributed import get_worker
+
+        get_worker()
+        return True
+    except (ImportError, ValueError):
+        return False
+
+
+def predict_record(
+    record: Mapping[str, Any],
+    checkpoint: str,
+    out_dir: str,
+    options: PredictOptions = PredictOptions(),  # noqa: B008 - frozen dataclass
+) -> dict[str, Any]:
+    """Predict one slide (``record``: ``slide_id``, ``path``, optional ``case_id``, ``label``,
+    ``y``) and write its artefacts; returns the CSV row. Never raises for slide problems."""
+    if options.torch_threads and _in_dask_worker():
+        # Several workers share the machine's cores: one thread each avoids oversubscription.
+        torch.set_num_threads(options.torch_threads)
+    t0 = time.perf_counter()
+    slide_id = str(record["slide_id"])
+    y = int(record.get("y", -1) if record.get("y", "") != "" else -1)
+    row: dict[str, Any] = {
+        "slide_id": slide_id,
+        "case_id": record.get("case_id", ""),
+        "label": record.get("label", ""),
+        "Y": y,
+        "sampler": options.sampler,
+    }
+    try:
+        pred = get_predictor(checkpoint, options.device)
+        settings = pred.settings
+        row.update(attention_mpp=settings.attention_mpp, patch_mpp=settings.patch_mpp)
+        if not record.get("path"):
+            raise FileNotFoundError(f"slide {slide_id!r} not found (no file for it)")
+        res = predict_slide(
+            pred.model,
+            str(record["path"]),
+            settings,
+            device=options.device,
+            sampler=options.sampler,
+            n_patches=options.n_patches,
+            seed=options.seed,
+            slide_id=slide_id,
+        )
+        y_hat = int(res.probs.argmax())
+        row.update(
+            Y_hat=y_hat,
+            pred_label=pred.classes[y_hat],
+            n_patches=len(res.locations_xy),
+            **{f"p_{i}": float(p) for i, p in enumerate(res.probs)},
+        )
+        _write_artefacts(Path(out_dir), slide_id, res, options, pred)
+    except Exception as e:  # any failure of one slide is that slide's row, not the run's end
+        row["error"] = f"{type(e).__name__}: {e}".replace("\n", " ")
+    row["runtime_s"] = round(time.perf_counter() - t0, 4)
+    return row
+
+
+def _write_artefacts(
+    out: Path, slide_id: str, res: Any, options: PredictOptions, pred: Predictor
+) -> None:
+    if options.heatmaps:
+        save_heatmap(out / "heatmaps" / f"{slide_id}.png", res.thumbnail, res.attention, res.mask)
+    if options.gallery:
+        from ats_wsi.viz import save_attention_figure
+
+        p = res.probs
+        save_attention_figure(
+            out / "gallery" / f"{slide_id}.png",
+            res.thumbnail.transpose(2, 0, 1),
+            res.attention,
+            res.locations_xy[:, ::-1],
+            res.patch_size_level0,
+            (res.dimensions[1], res.dimensions[0]),
+            patches=res.patches,
+            title=f"{slide_id}: {pred.classes[int(p.argmax())]} (p={float(p.max()):.2f})",
+        )
+    if options.zarr:
+        save_attention_zarr(
+            out / "zarr" / f"{slide_id}.zarr",
+            res.attention,
+            res.locations_xy,
+            res.scores,
+            patch_size=res.patch_size_level0,
+            attrs={
+                "slide_id": slide_id,
+                "attention_mpp": pred.settings.attention_mpp,
+                "patch_mpp": pred.settings.patch_mpp,
+                "level0_mpp": list(res.mpp),
+                "dimensions_wh": list(res.dimensions),
+            },
+        )
+    if options.geojson:
+        save_geojson(
+            out / "geojson" / f"{slide_id}.geojson",
+            res.locations_xy,
+            res.scores,
+            res.patch_size_level0,
+        )
+
+
+def predict_many(
+    records: Sequence[Mapping[str, Any]],
+    checkpoint: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    options: PredictOptions = PredictOptions(),  # noqa: B008 - frozen dataclass
+    *,
+    classes: Sequence[str] | None = None,
+    csv_name: str = "predictions.csv",
+    retry_errors: bool = False,
+    client: Any = None,
+    scheduler_address: str | None = None,
+    workers: int = 0,
+    processes: bool = True,
+    retries: int = 2,
+    on_row: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Predict every record not yet in ``out_dir/csv_name``; returns the metrics summary.
+
+    Runs locally unless ``client``, ``scheduler_address`` or ``workers > 0`` (a LocalCluster of
+    that many workers, processes by default) is given. On dask, each slide is one task
+    (``retries`` re-runs for lost workers), the model is loaded once per worker process by
+    :func:`get_predictor`, and rows are written as tasks complete. ``metrics.json`` is written
+    when rows carry labels.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    checkpoint = str(Path(checkpoint).resolve())
+    if classes is None:
+        classes = Predictor.load(checkpoint).classes
+    table = PredictionsCSV(out / csv_name, prediction_columns(classes), retry_errors)
+    todo = [dict(r) for r in records if str(r["slide_id"]) not in table]
+
+    def emit(row: dict[str, Any]) -> None:
+        table.write(row)
+        if on_row is not None:
+            on_row(row)
+
+    if todo and (client is not None or scheduler_address or workers > 0):
+        _predict_dask(
+            todo,
+            checkpoint,
+            str(out),
+            options,
+            emit,
+            client,
+            scheduler_address,
+            workers,
+            processes,
+            retries,
+        )
+    else:
+        for rec in todo:
+            emit(predict_record(rec, checkpoint, str(out), options))
+    wanted = {str(r["slide_id"]) for r in records}
+    rows = [r for sid, r in table.done.items() if sid in wanted]
+    summary = summarise_predictions(rows, classes)
+    summary.update(options=asdict(options), checkpoint=checkpoint, classes=list(classes))
+    if summary.get("n"):
+        (out / "metrics.json").write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+def _predict_dask(
+    todo: list[dict[str, Any]],
+    checkpoint: str,
+    out: str,
+    options: PredictOptions,
+    emit: Callable[[dict[str, Any]], None],
+    client: Any,
+    scheduler_address: str | None,
+    workers: int,
+    processes: bool,
+    retries: int,
+) -> None:
+    from distributed import Client, LocalCluster, as_completed
+
+    owned: list[Any] = []
+    if client is None:
+        if scheduler_address:
+            client = Client(scheduler_address)
+        else:
+            cluster = LocalCluster(
+                n_workers=workers,
+                threads_per_worker=1,
+                processes=processes,
+                dashboard_address=":0",
+            )
+            owned.append(cluster)
+            client = Client(cluster)
+        owned.insert(0, client)
+    if options.torch_threads is None:
+        options = replace(options, torch_threads=1)
+    try:
+        futures = [
+            client.submit(
+                predict_record,
+                rec,
+                checkpoint,
+                out,
+                options,
+                retries=retries,
+                pure=False,
+                key=f"predict-{rec['slide_id']}-{time.time_ns()}",
+            )
+            for rec in todo
+        ]
+        by_key = {f.key: rec for f, rec in zip(futures, todo, strict=True)}
+        for future in as_completed(futures):
+            try:
+                row = future.result()
+            except Exception as e:  # the task itself died (worker lost after all retries)
+                rec = by_key[future.key]
+                row = {
+                    "slide_id": rec["slide_id"],
+                    "case_id": rec.get("case_id", ""),
+                    "label": rec.get("label", ""),
+                    "Y": rec.get("y", -1),
+                    "error": f"{type(e).__name__}: {e}",
+                }
+            emit(row)
+            future.release()
+    finally:
+        for obj in owned:
+            obj.close()
+
+
+def records_from_frame(df: Any) -> list[dict[str, Any]]:
+    """Manifest DataFrame -> records for :func:`predict_many`."""
+    cols = ["case_id", "slide_id", "label", "y", "path"]
+    return [{c: r[c] for c in cols} for r in df.to_dict("records")]

@@ -1,0 +1,277 @@
+"""Slide manifests in the CLAM convention, and patient-stratified train/val/test splits.
+
+A manifest is a CSV with columns ``case_id, slide_id, label`` and optionally ``path`` (absolute
+or relative to the CSV) and ``split`` (``train`` / ``val`` / ``test``). Without ``path`` a slide
+is looked up as ``<slide_dir>/<slide_id><ext>`` for the usual whole-slide extensions.
+Every problem is reported as :class:`ManifestError` naming the file, the line and the problem.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Sequence
+from os import PathLike
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+__all__ = [
+    "REQUIRED_COLUMNS",
+    "SLIDE_EXTENSIONS",
+    "SPLITS",
+    "ManifestError",
+    "find_slide",
+    "make_splits",
+    "read_manifest",
+    "slides_from_dir",
+]
+
+REQUIRED_COLUMNS = ("case_id", "slide_id", "label")
+SPLITS = ("train", "val", "test")
+SLIDE_EXTENSIONS = (
+    ".svs",
+    ".tif",
+    ".tiff",
+    ".ndpi",
+    ".mrxs",
+    ".scn",
+    ".vms",
+    ".vmu",
+    ".bif",
+    ".svslide",
+    ".dcm",
+    ".zarr",
+    ".ome.zarr",
+    ".ome.tif",
+    ".ome.tiff",
+)
+
+
+class ManifestError(ValueError):
+    """A malformed manifest; ``line`` is the 1-based CSV line (the header is line 1)."""
+
+    def __init__(self, path: str | PathLike[str], problem: str, line: int | None = None) -> None:
+        self.path = str(path)
+        self.line = line
+        self.problem = problem
+        where = self.path if line is None else f"{self.path}, line {line}"
+        super().__init__(f"{where}: {problem}")
+
+
+def find_slide(
+    slide_dir: str | PathLike[str], slide_id: str, extensions: Sequence[str] = SLIDE_EXTENSIONS
+) -> Path | None:
+    """``slide_dir/slide_id<ext>`` for the first extension that exists, else None."""
+    base = Path(slide_dir)
+    for ext in extensions:
+        candidate = base / f"{slide_id}{ext}"
+        if candidate.exists():
+            return candidate
+    return None
+
+
+def read_manifest(
+    path: str | PathLike[str],
+    *,
+    slide_dir: str | PathLike[str] | None = None,
+    classes: Sequence[str] | None = None,
+    require_labels: bool = True,
+    extensions: Sequence[str] = SLIDE_EXTENSIONS,
+) -> pd.DataFrame:
+    """Read and validate a manifest.
+
+    Args:
+        path: the CSV.
+        slide_dir: where ``slide_id<ext>`` files live when a row has no ``path``; default the
+            CSV's directory, then its ``slides/`` subdirectory.
+        classes: allowed labels in class-index order; None: the sorted distinct labels.
+        require_labels: False accepts a missing ``label`` column or empty labels (inference).
+        extensions: file extensions tried, in order.
+
+    Returns:
+        Columns ``case_id, slide_id, label, y, path, split`` (strings; ``y`` the int class index
+        or -1 without a label; ``path`` "" when the slide was not found; ``split`` "" when the
+        manifest has none). ``attrs["classes"]`` holds the class names.
+
+    Raises:
+        ManifestError: missing file or columns, empty file, empty or duplicate ``slide_id``,
+            unknown label or split.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ManifestError(path, "no such file")
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as fh:
+            rows = list(csv.reader(fh))
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise ManifestError(path, f"not a readable CSV: {e}") from e
+    # Blank lines are tolerated (editors add them); keep the real line numbers.
+    numbered = [(i + 1, r) for i, r in enumerate(rows) if any(c.strip() for c in r)]
+    if not numbered:
+        raise ManifestError(path, "the file is empty (expected a header: case_id,slide_id,label)")
+    header = [c.strip() for c in numbered[0][1]]
+    required = [c for c in REQUIRED_COLUMNS if require_labels or c != "label"]
+    missing = [c for c in required if c not in header]
+    if missing:
+        raise ManifestError(
+            path, f"missing column(s) {', '.join(missing)}; found: {', '.join(header)}", 1
+        )
+    if len(set(header)) != len(header):
+        raise ManifestError(path, f"duplicate column names in header: {header}", 1)
+    if len(numbered) == 1:
+        raise ManifestError(path, "the manifest has a header but no slides")
+
+    col = {name: i for i, name in enumerate(header)}
+    records: list[dict[str, str | int]] = []
+    seen: dict[str, int] = {}
+    for line, row in numbered[1:]:
+        if len(row) != len(header):
+            raise ManifestError(path, f"{len(row)} fields, the header has {len(header)}", line)
+
+        def get(name: str, row: list[str] = row) -> str:
+            return row[col[name]].strip() if name in col else ""
+
+        slide_id, case_id = get("slide_id"), get("case_id")
+        if not slide_id:
+            raise ManifestError(path, "empty slide_id", line)
+        if not case_id:
+            raise ManifestError(path, f"empty case_id for slide {slide_id!r}", line)
+        if slide_id in seen:
+            raise ManifestError(
+                path, f"duplicate slide_id {slide_id!r} (first on line {seen[slide_id]})", line
+            )
+        seen[slide_id] = line
+        label = get("label")
+        if require_labels and not label:
+            raise ManifestError(path, f"empty label for slide {slide_id!r}", line)
+        split = get("split").lower()
+        if split and split not in SPLITS:
+            raise ManifestError(
+                path,
+                f"unknown split {split!r} for slide {slide_id!r}; expected one of "
+                f"{', '.join(SPLITS)}",
+                line,
+            )
+        records.append(
+            {
+                "line": line,
+                "case_id": case_id,
+                "slide_id": slide_id,
+                "label": label,
+                "path": get("path"),
+                "split": split,
+            }
+        )
+
+    labels = sorted({str(r["label"]) for r in records if r["label"]})
+    names = list(classes) if classes is not None else labels
+    index = {name: i for i, name in enumerate(names)}
+    for r in records:
+        if r["label"] and r["label"] not in index:
+            raise ManifestError(
+                path,
+                f"unknown label {r['label']!r} for slide {r['slide_id']!r}; expected one "
+                f"of {', '.join(names)}",
+                int(r["line"]),
+            )
+        r["y"] = index[str(r["label"])] if r["label"] else -1
+
+    search = [Path(slide_dir)] if slide_dir is not None else [path.parent, path.parent / "slides"]
+    for r in records:
+        p = str(r["path"])
+        if p:
+            resolved = Path(p) if Path(p).is_absolute() else path.parent / p
+            r["path"] = str(resolved)
+        else:
+            found = next(
+                (f for d in search if (f := find_slide(d, str(r["slide_id"]), extensions))), None
+            )
+            r["path"] = str(found) if found is not None else ""
+    df = pd.DataFrame.from_records(
+        records, columns=["case_id", "slide_id", "label", "y", "path", "split", "line"]
+    )
+    df["y"] = df["y"].astype(int)
+    df.attrs["classes"] = names
+    df.attrs["source"] = str(path)
+    return df
+
+
+def slides_from_dir(
+    slide_dir: str | PathLike[str], extensions: Sequence[str] = SLIDE_EXTENSIONS
+) -> pd.DataFrame:
+    """An unlabelled manifest of every slide file in ``slide_dir`` (case_id = slide_id)."""
+    base = Path(slide_dir)
+    if not base.is_dir():
+        raise ManifestError(base, "no such directory")
+    records = []
+    for p in sorted(base.iterdir()):
+        name = p.name.lower()
+        ext = next((e for e in sorted(extensions, key=len, reverse=True) if name.endswith(e)), None)
+        if ext is None:
+            continue
+        slide_id = p.name[: -len(ext)]
+        records.append(
+            {
+                "case_id": slide_id,
+                "slide_id": slide_id,
+                "label": "",
+                "y": -1,
+                "path": str(p),
+                "split": "",
+                "line": 0,
+            }
+        )
+    if not records:
+        raise ManifestError(base, f"no slide files ({', '.join(extensions)})")
+    df = pd.DataFrame.from_records(records)
+    df.attrs["classes"] = []
+    df.attrs["source"] = str(base)
+    return df
+
+
+def _stratified_group_split(
+    y: np.ndarray, groups: np.ndarray, fraction: float, seed: int
+) -> np.ndarray:
+    """Boolean mask of about ``fraction`` of the rows, whole groups only, stratified by ``y``."""
+    from sklearn.model_selection import GroupShuffleSplit, StratifiedGroupKFold
+
+    if fraction <= 0:
+        return np.zeros(len(y), dtype=bool)
+    n_splits = max(2, round(1 / fraction))
+    per_class = min(len(set(groups[y == c])) for c in np.unique(y))
+    if per_class >= n_splits:
+        folds = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+        _, held = next(folds.split(np.zeros(len(y)), y, groups))
+    else:
+        # Too few cases of some class for stratified folds: an unstratified group split.
+        gss = GroupShuffleSplit(n_splits=1, test_size=fraction, random_state=seed)
+        _, held = next(gss.split(np.zeros(len(y)), y, groups))
+    mask = np.zeros(len(y), dtype=bool)
+    mask[held] = True
+    return mask
+
+
+def make_splits(
+    df: pd.DataFrame, val_fraction: float = 0.2, test_fraction: float = 0.25, seed: int = 0
+) -> pd.DataFrame:
+    """Assign ``split`` patient-wise: every slide of a case lands in the same split.
+
+    Test is drawn first (StratifiedGroupKFold over cases, stratified by label), then val from
+    the rest. Deterministic for a given seed. Returns a copy with the ``split`` column set.
+    """
+    if not 0 <= val_fraction < 1 or not 0 <= test_fraction < 1 or val_fraction + test_fraction >= 1:
+        raise ValueError(f"bad split fractions val={val_fraction} test={test_fraction}")
+    out = df.copy()
+    y = out["y"].to_numpy()
+    groups = out["case_id"].to_numpy()
+    test = _stratified_group_split(y, groups, test_fraction, seed)
+    rest = np.flatnonzero(~test)
+    val = np.zeros(len(out), dtype=bool)
+    if val_fraction > 0:
+        sub = _stratified_group_split(
+            y[rest], groups[rest], val_fraction / (1 - test_fraction), seed + 1
+        )
+        val[rest[sub]] = True
+    out["split"] = np.where(test, "test", np.where(val, "val", "train"))
+    return out

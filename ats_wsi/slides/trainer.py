@@ -1,0 +1,510 @@
+"""Training ATS on a slide cohort: config schema, splits, DDP, checkpoints, the demo run.
+
+:func:`train` is what ``python -m pipelines.train_slides`` runs. With no manifest in the config
+it first builds the demo cohort (:mod:`ats_wsi.slides.cohort`). It trains the ATS model and the
+low-res-only baseline, keeps ``{ats,baseline}_{best,last}.pt`` and ``{ats,baseline}_metrics.jsonl``
+in the output folder, and finally predicts the test split (predictions CSV, heatmaps, metrics)
+and writes ``results.json``. Under ``torchrun`` every rank trains on its shard of the slides
+(DDP, gloo on CPU); rank 0 writes the files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ats_wsi.model import ATSModel
+from ats_wsi.slides.cohort import DEMO_CLASSES, DemoCohortConfig, make_demo_cohort
+from ats_wsi.slides.engine import (
+    LowResBaseline,
+    SlideRecord,
+    SlideSettings,
+    ViewStore,
+    classification_metrics,
+    run_slides,
+)
+from ats_wsi.slides.manifest import ManifestError, make_splits, read_manifest
+from ats_wsi.training import (
+    append_jsonl,
+    class_balanced_weights,
+    library_versions,
+    load_yaml_config,
+    read_jsonl,
+    resume,
+    save_checkpoint,
+    seed_everything,
+)
+
+__all__ = ["SCHEMA", "default_config", "load_config", "train"]
+
+_NUM = (int, float)
+_OPT_NUM = (int, float, type(None))
+_OPT_INT = (int, type(None))
+_OPT_STR = (str, type(None))
+
+SCHEMA: dict[str, Any] = {
+    "seed": ((int,), 0),
+    "classes": ((list, type(None)), None),
+    "data": {
+        "manifest": (_OPT_STR, None),  # None: build the demo cohort
+        "slide_dir": (_OPT_STR, None),
+        "val_fraction": (_NUM, 0.2),
+        "test_fraction": (_NUM, 0.25),
+    },
+    "demo": ((dict,), {}),
+    "slides": {
+        "attention_mpp": (_NUM, 16.0),
+        "patch_mpp": (_NUM, 0.5),
+        "patch_size": ((int,), 32),
+        "min_tissue": (_NUM, 0.1),
+        "backend": (_OPT_STR, None),
+        "slide_mpp": (_OPT_NUM, None),
+        "read_workers": ((int,), 4),
+    },
+    "model": {
+        "attention_net": ((dict, str), {"name": "histology", "width": 8}),
+        "feature_net": ((dict, str), {"name": "histology", "width": 16}),
+        "n_patches": ((int,), 16),
+        "sampler": ((str,), "without_replacement"),
+        "smoothing": (_NUM, 1e-4),
+    },
+    "train": {
+        "epochs": ((int,), 40),
+        "lr": (_NUM, 1e-3),
+        "head_lr_multiplier": (_NUM, 30.0),
+        "weight_decay": (_NUM, 0.0),
+        "accumulate": ((int,), 2),
+        "entropy_lambda": (_NUM, 1e-2),
+        "clip_norm": (_OPT_NUM, 1.0),
+        "class_balanced": ((bool,), True),
+        "amp": ((bool,), True),
+        "device": ((str,), "auto"),
+        "prefetch_depth": ((int,), 4),
+        "cache_views": ((bool,), True),
+        "select_metric": ((str,), "val_loss"),
+        "eval_sampler": ((str,), "topk"),
+        "eval_every": ((int,), 1),
+        "time_budget_s": (_OPT_NUM, None),
+        "torch_threads": (_OPT_INT, None),
+        "progress": ((bool, type(None)), None),
+    },
+    "baseline": {
+        "enabled": ((bool,), True),
+        "epochs": (_OPT_INT, None),  # None: same as ATS
+        "lr": (_NUM, 3e-3),
+        "width": ((int,), 16),
+    },
+    "predict": {
+        "enabled": ((bool,), True),
+        "sampler": ((str,), "topk"),
+        "n_patches": (_OPT_INT, None),
+        "heatmaps": ((bool,), True),
+        "gallery": ((bool,), True),
+        "zarr": ((bool,), True),
+        "geojson": ((bool,), True),
+        "workers": ((int,), 0),
+        "scheduler_address": (_OPT_STR, None),
+    },
+}
+
+
+def default_config() -> dict[str, Any]:
+    """The schema's defaults (what an empty YAML file gives)."""
+    from ats_wsi.training import _check
+
+    return _check(SCHEMA, {}, "", "<defaults>")
+
+
+def load_config(path: str | os.PathLike[str] | None) -> dict[str, Any]:
+    """Validated config from YAML (``yaml.safe_load``), or the defaults when ``path`` is None."""
+    return default_config() if path is None else load_yaml_config(path, SCHEMA)
+
+
+# ----------------------------------------------------------------------------- distributed
+
+
+def _dist_info() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def init_distributed(device: torch.device) -> tuple[int, int]:
+    """Join the process group torchrun describes (``WORLD_SIZE`` > 1); returns (rank, world)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend)
+    return _dist_info()
+
+
+def shard(
+    n: int, rank: int, world: int, seed: int, epoch: int, shuffle: bool, pad: bool
+) -> list[int]:
+    """DistributedSampler's split: a seeded permutation (same on every rank), padded by wrapping
+    to a multiple of ``world`` when ``pad`` (training: equal step counts on every rank)."""
+    order = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
+    order = order.tolist()
+    if pad and world > 1 and n % world:
+        order += order[: world - n % world]
+    return order[rank::world]
+
+
+def _gather(obj: Any, world: int) -> list[Any]:
+    if world == 1:
+        return [obj]
+    out: list[Any] = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def _records(df: Any) -> list[SlideRecord]:
+    return [SlideRecord(r.slide_id, r.path, int(r.y), r.case_id) for r in df.itertuples()]
+
+
+def _epoch_metrics(parts: list[Any], prefix: str) -> dict[str, Any]:
+    seen: dict[str, tuple[int, np.ndarray, float]] = {}
+    for ys, probs, losses, ids in parts:
+        for y, p, loss, sid in zip(ys, probs, losses, ids, strict=True):
+            seen.setdefault(sid, (y, p, loss))  # padding duplicates count once
+    if not seen:
+        return {}
+    ys, ps, ls = zip(*seen.values(), strict=True)
+    return classification_metrics(list(ys), np.stack(ps), list(ls), prefix)
+
+
+def _better(metric: str, new: float | None, best: float | None) -> bool:
+    if new is None:
+        return False
+    if best is None:
+        return True
+    return new < best if metric.endswith("loss") else new > best
+
+
+def fit_slides(
+    name: str,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    train_recs: Sequence[SlideRecord],
+    val_recs: Sequence[SlideRecord],
+    views: ViewStore,
+    settings: SlideSettings,
+    cfg: dict[str, Any],
+    out: Path,
+    *,
+    kind: str,
+    epochs: int,
+    device: torch.device,
+    resume_run: bool,
+    extra: dict[str, Any],
+) -> list[dict[str, Any]]:
+    """Train one model with per-epoch metrics (JSON lines), best + last checkpoints, resume."""
+    tcfg = cfg["train"]
+    rank, world = _dist_info()
+    core = model.module if hasattr(model, "module") else model
+    log_path = out / f"{name}_metrics.jsonl"
+    last, best_path = out / f"{name}_last.pt", out / f"{name}_best.pt"
+    start, best = 1, None
+    if resume_run and last.exists():
+        state = resume(
+            last,
+            model=core,
+            optimizer=optimizer,
+            log_path=log_path if rank == 0 else None,
+            map_location=device,
+        )
+        start, best = state.start_epoch, state.extra.get("best")
+    elif rank == 0 and log_path.exists():
+        log_path.unlink()
+    weights = None
+    if tcfg["class_balanced"]:
+        weights = class_balanced_weights([r.y for r in train_recs], len(extra["classes"]))
+    use_amp = bool(tcfg["amp"]) and device.type == "cuda"
+    scaler = None
+    if use_amp and not torch.cuda.is_bf16_supported():
+        scaler = torch.amp.GradScaler("cuda")
+    metric = tcfg["select_metric"]
+    t_start = time.perf_counter()
+    for epoch in range(start, epochs + 1):
+        t0 = time.perf_counter()
+        idx = shard(len(train_recs), rank, world, cfg["seed"], epoch, shuffle=True, pad=True)
+        part = run_slides(
+            model,
+            [train_recs[i] for i in idx],
+            views,
+            settings,
+            kind=kind,
+            optimizer=optimizer,
+            device=device,
+            class_weights=weights,
+            entropy_lambda=tcfg["entropy_lambda"],
+            accumulate=tcfg["accumulate"],
+            clip_norm=tcfg["clip_norm"],
+            amp=use_amp,
+            scaler=scaler,
+            seed=cfg["seed"],
+            epoch=epoch,
+        )
+        record: dict[str, Any] = {"epoch": epoch, "model": name, "world_size": world}
+        record.update(_epoch_metrics(_gather(part, world), "train_"))
+        record["train_time_s"] = time.perf_counter() - t0
+        if val_recs and (epoch % tcfg["eval_every"] == 0 or epoch == epochs):
+            vidx = shard(len(val_recs), rank, world, cfg["seed"], 0, shuffle=False, pad=False)
+            vpart = run_slides(
+                model,
+                [val_recs[i] for i in vidx],
+                views,
+                settings,
+                kind=kind,
+                device=device,
+                amp=use_amp,
+                sampler=tcfg["eval_sampler"],
+                seed=cfg["seed"],
+            )
+            record.update(_epoch_metrics(_gather(vpart, world), "val_"))
+        record["epoch_time_s"] = time.perf_counter() - t0
+        out_of_time = (
+            tcfg["time_budget_s"] is not None
+            and time.perf_counter() - t_start > tcfg["time_budget_s"]
+        )
+        if rank == 0:
+            improved = _better(metric, record.get(metric), best)
+            if improved:
+                best = record[metric]
+            info = {**extra, "best": best, "select_metric": metric}
+            save_checkpoint(
+                last, model=core, optimizer=optimizer, epoch=epoch, config=cfg, extra=info
+            )
+            if improved or not best_path.exists():
+                save_checkpoint(best_path, model=core, epoch=epoch, config=cfg, extra=info)
+            record["best"] = best
+            append_jsonl(log_path, record)
+            _log(cfg, f"[{name}] epoch {epoch}/{epochs} " + _fmt(record))
+        if world > 1:
+            dist.barrier()
+        if out_of_time and epoch < epochs:
+            break
+    return read_jsonl(log_path) if rank == 0 else []
+
+
+def _fmt(record: dict[str, Any]) -> str:
+    keys = ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_auc", "epoch_time_s")
+    return " ".join(f"{k}={record[k]:.3f}" for k in keys if isinstance(record.get(k), float))
+
+
+def _log(cfg: dict[str, Any], msg: str) -> None:
+    if cfg["train"]["progress"] is not False:
+        print(msg, flush=True)
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _load_data(
+    cfg: dict[str, Any], out: Path, rank: int, world: int
+) -> tuple[Any, list[str], Path | None]:
+    """Manifest (built for the demo when none is configured) with a ``split`` column."""
+    dcfg = cfg["data"]
+    lesions = None
+    if dcfg["manifest"] is None:
+        cohort_dir = out / "cohort"
+        if rank == 0:
+            make_demo_cohort(cohort_dir, DemoCohortConfig.from_dict(cfg["demo"]))
+        if world > 1:
+            dist.barrier()
+        manifest = cohort_dir / "manifest.csv"
+        classes = list(cfg["classes"] or DEMO_CLASSES)
+        lesions = cohort_dir / "lesions.csv"
+    else:
+        manifest = Path(dcfg["manifest"])
+        classes = cfg["classes"]
+    df = read_manifest(manifest, slide_dir=dcfg["slide_dir"], classes=classes)
+    missing = df[df.path == ""]
+    if len(missing):
+        lines = ", ".join(
+            f"{s} (line {n})" for s, n in zip(missing.slide_id, missing.line, strict=True)
+        )
+        raise ManifestError(manifest, f"slide file not found for: {lines}")
+    classes = list(df.attrs["classes"])
+    splits_csv = out / "splits.csv"
+    if splits_csv.exists():
+        # A resumed (or repeated) run keeps the split it started with.
+        saved = read_manifest(splits_csv, classes=classes)
+        df = df.drop(columns="split").merge(saved[["slide_id", "split"]], on="slide_id", how="left")
+        df["split"] = df["split"].fillna("")
+    if (df.split == "").any():
+        df = make_splits(df, dcfg["val_fraction"], dcfg["test_fraction"], cfg["seed"])
+    if rank == 0:
+        df[["case_id", "slide_id", "label", "split"]].to_csv(splits_csv, index=False)
+    df.attrs["classes"] = classes
+    return df, classes, lesions
+
+
+def train(
+    cfg: dict[str, Any], out_dir: str | os.PathLike[str], *, resume_run: bool = False
+) -> dict[str, Any]:
+    """Train ATS (and the low-res baseline), then predict the test split; returns the results."""
+    t_start = time.perf_counter()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tcfg = cfg["train"]
+    device = _device(tcfg["device"])
+    rank, world = init_distributed(device)
+    if tcfg["torch_threads"]:
+        torch.set_num_threads(tcfg["torch_threads"])
+    df, classes, lesions = _load_data(cfg, out, rank, world)
+    settings = SlideSettings.from_dict(dict(cfg["slides"]))
+    train_recs = _records(df[df.split == "train"])
+    val_recs = _records(df[df.split == "val"])
+    test_df = df[df.split == "test"]
+    extra = {"classes": classes, "versions": library_versions()}
+    views = ViewStore(settings.loader(), tcfg["prefetch_depth"], cache=tcfg["cache_views"])
+    results: dict[str, Any] = {
+        "classes": classes,
+        "n_slides": {s: int((df.split == s).sum()) for s in ("train", "val", "test")},
+        "world_size": world,
+    }
+    try:
+        seed_everything(cfg["seed"])
+        model = ATSModel.from_config(
+            {**cfg["model"], "num_classes": len(classes), "patch_size": settings.patch_size}
+        ).to(device)
+        # The head reads a mean of unit-norm features in which a lesion patch weighs ~1/N:
+        # its weights must grow large, hence a larger learning rate for it alone.
+        head = [p for n, p in model.named_parameters() if n.startswith("head.")]
+        rest = [p for n, p in model.named_parameters() if not n.startswith("head.")]
+        optim = torch.optim.Adam(
+            [{"params": rest}, {"params": head, "lr": tcfg["lr"] * tcfg["head_lr_multiplier"]}],
+            lr=tcfg["lr"],
+            weight_decay=tcfg["weight_decay"],
+        )
+        wrapped = _ddp(model, device, world)
+        history = fit_slides(
+            "ats",
+            wrapped,
+            optim,
+            train_recs,
+            val_recs,
+            views,
+            settings,
+            cfg,
+            out,
+            kind="ats",
+            epochs=tcfg["epochs"],
+            device=device,
+            resume_run=resume_run,
+            extra=extra,
+        )
+        results["ats_history_epochs"] = len(history)
+        bcfg = cfg["baseline"]
+        if bcfg["enabled"]:
+            seed_everything(cfg["seed"] + 1)
+            base = LowResBaseline(3, bcfg["width"], len(classes)).to(device)
+            boptim = torch.optim.Adam(base.parameters(), lr=bcfg["lr"])
+            fit_slides(
+                "baseline",
+                _ddp(base, device, world),
+                boptim,
+                train_recs,
+                val_recs,
+                views,
+                settings,
+                cfg,
+                out,
+                kind="baseline",
+                epochs=bcfg["epochs"] or tcfg["epochs"],
+                device=device,
+                resume_run=resume_run,
+                extra={**extra, "baseline_width": bcfg["width"]},
+            )
+        if rank == 0 and len(test_df) and cfg["predict"]["enabled"]:
+            results.update(_evaluate_test(cfg, out, test_df, classes, settings, views, device))
+    finally:
+        views.close()
+    results["wall_time_s"] = round(time.perf_counter() - t_start, 2)
+    if rank == 0:
+        if lesions is not None:
+            results["cohort"] = str(out / "cohort")
+        (out / "results.json").write_text(json.dumps(results, indent=1))
+    if world > 1:
+        dist.barrier()
+    return results
+
+
+def _ddp(model: nn.Module, device: torch.device, world: int) -> nn.Module:
+    if world == 1:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [device.index or 0] if device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=ids)
+
+
+def _evaluate_test(
+    cfg: dict[str, Any],
+    out: Path,
+    test_df: Any,
+    classes: list[str],
+    settings: SlideSettings,
+    views: ViewStore,
+    device: torch.device,
+) -> dict[str, Any]:
+    """Best ATS checkpoint through the prediction pipeline; baseline on the same slides."""
+    from ats_wsi.slides.inference import PredictOptions, predict_many, records_from_frame
+    from ats_wsi.training import load_checkpoint
+
+    pcfg = cfg["predict"]
+    options = PredictOptions(
+        sampler=pcfg["sampler"],
+        n_patches=pcfg["n_patches"],
+        seed=cfg["seed"],
+        heatmaps=pcfg["heatmaps"],
+        gallery=pcfg["gallery"],
+        zarr=pcfg["zarr"],
+        geojson=pcfg["geojson"],
+        device=str(device),
+    )
+    pred_dir = out / "predictions"
+    # A fresh run over the same folder must not skip slides because of a stale CSV.
+    stale = pred_dir / "predictions.csv"
+    if stale.exists():
+        stale.unlink()
+    summary = predict_many(
+        records_from_frame(test_df),
+        out / "ats_best.pt",
+        pred_dir,
+        options,
+        classes=classes,
+        workers=pcfg["workers"],
+        scheduler_address=pcfg["scheduler_address"],
+    )
+    res: dict[str, Any] = {
+        "test_ats": {
+            k: summary.get(k)
+            for k in ("n", "n_errors", "accuracy", "balanced_accuracy", "auc", "confusion_matrix")
+        }
+    }
+    if cfg["baseline"]["enabled"] and (out / "baseline_best.pt").exists():
+        ckpt = load_checkpoint(out / "baseline_best.pt", map_location=device)
+        base = LowResBaseline(3, int(ckpt["extra"]["baseline_width"]), len(classes)).to(device)
+        base.load_state_dict(ckpt["model"])
+        ys, probs, losses, _ = run_slides(
+            base, _records(test_df), views, settings, kind="baseline", device=device, amp=False
+        )
+        res["test_baseline"] = classification_metrics(ys, probs, losses)
+    return res

@@ -1,0 +1,103 @@
+"""Manifests (CLAM convention) and patient-stratified splits."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from ats_wsi.slides.manifest import ManifestError, make_splits, read_manifest, slides_from_dir
+
+
+def write(tmp_path: Path, text: str, name: str = "m.csv") -> Path:
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+@pytest.mark.parametrize(
+    ("text", "line", "needle"),
+    [
+        ("", None, "empty"),
+        ("case_id,slide_id\nc1,s1\n", 1, "missing column(s) label"),
+        ("case_id,slide_id,label\n", None, "no slides"),
+        ("case_id,slide_id,label\nc1,s1,tumor\nc2,s1,normal\n", 3, "duplicate slide_id 's1'"),
+        ("case_id,slide_id,label\nc1,s1,tumor\nc1,s2,weird\n", 3, "unknown label 'weird'"),
+        ("case_id,slide_id,label\nc1,,tumor\n", 2, "empty slide_id"),
+        ("case_id,slide_id,label\nc1,s1\n", 2, "2 fields"),
+        ("case_id,slide_id,label,split\nc1,s1,tumor,dev\n", 2, "unknown split 'dev'"),
+    ],
+)
+def test_malformed_manifest_names_file_line_and_problem(
+    tmp_path: Path, text: str, line: int | None, needle: str
+) -> None:
+    p = write(tmp_path, text)
+    with pytest.raises(ManifestError) as err:
+        read_manifest(p, classes=["normal", "tumor"])
+    assert err.value.line == line
+    assert needle in str(err.value) and str(p) in str(err.value)
+    if line is not None:
+        assert f"line {line}" in str(err.value)
+
+
+def test_missing_file_is_a_manifest_error(tmp_path: Path) -> None:
+    with pytest.raises(ManifestError, match="no such file"):
+        read_manifest(tmp_path / "nope.csv")
+
+
+def test_slides_found_by_id_and_by_path(tmp_path: Path) -> None:
+    (tmp_path / "slides").mkdir()
+    (tmp_path / "slides" / "a.svs").write_bytes(b"x")
+    (tmp_path / "elsewhere.tif").write_bytes(b"x")
+    p = write(
+        tmp_path,
+        "case_id,slide_id,label,path\nc1,a,tumor,\nc1,b,normal,elsewhere.tif\nc2,c,normal,\n",
+    )
+    df = read_manifest(p)
+    assert df.attrs["classes"] == ["normal", "tumor"]
+    assert list(df.y) == [1, 0, 0]
+    assert df.path[0] == str(tmp_path / "slides" / "a.svs")
+    assert df.path[1] == str(tmp_path / "elsewhere.tif")
+    assert df.path[2] == ""  # not found: left to the caller (error row / training error)
+
+
+def test_unlabelled_manifest_for_inference(tmp_path: Path) -> None:
+    df = read_manifest(write(tmp_path, "case_id,slide_id\nc1,s1\n"), require_labels=False)
+    assert list(df.y) == [-1]
+
+
+def test_slides_from_dir(tmp_path: Path) -> None:
+    for name in ("x.svs", "y.ome.tiff", "notes.txt"):
+        (tmp_path / name).write_bytes(b"")
+    df = slides_from_dir(tmp_path)
+    assert sorted(df.slide_id) == ["x", "y"]
+
+
+def _cohort(n_cases: int = 30, seed: int = 0) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    rows = []
+    for c in range(n_cases):
+        y = int(c % 3 == 0)  # imbalanced: a third positive
+        for s in range(int(rng.integers(1, 4))):
+            rows.append({"case_id": f"c{c}", "slide_id": f"c{c}-{s}", "y": y})
+    return pd.DataFrame(rows)
+
+
+def test_splits_keep_cases_together_and_stratify() -> None:
+    df = make_splits(_cohort(), val_fraction=0.2, test_fraction=0.25, seed=7)
+    assert set(df.split) == {"train", "val", "test"}
+    # No patient straddles two splits.
+    assert (df.groupby("case_id").split.nunique() == 1).all()
+    for split in ("train", "val", "test"):
+        part = df[df.split == split]
+        assert set(part.y) == {0, 1}, split
+    test_cases = df[df.split == "test"].case_id.nunique()
+    assert 5 <= test_cases <= 10  # about a quarter of 30 cases
+
+
+def test_splits_are_seeded() -> None:
+    a = make_splits(_cohort(), seed=1).split.tolist()
+    assert a == make_splits(_cohort(), seed=1).split.tolist()
+    assert a != make_splits(_cohort(), seed=2).split.tolist()
