@@ -24,7 +24,6 @@ the full tile count; such rows say ``extrapolated: yes``.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import resource
@@ -38,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from ats_wsi.slides.cohort import tissue_image
 from pipelines.benchmark import subcommand
 
 __all__ = [
@@ -59,24 +59,6 @@ RESULT_TAG = "BENCH_RESULT "
 
 
 # ----------------------------------------------------------------------------- slides
-
-
-def tissue_image() -> np.ndarray:
-    """tiatoolbox's 1000 x 1000 H&E ``target_image.png`` as (h, w, 3) uint8.
-
-    Located from the package's spec and read as a plain file: importing tiatoolbox takes
-    seconds and is not needed for a PNG.
-    """
-    from PIL import Image
-
-    # find_spec locates a top-level package without running its __init__ (which
-    # importlib.resources.files would).
-    spec = importlib.util.find_spec("tiatoolbox")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("tiatoolbox (its data/target_image.png) is not installed")
-    path = Path(next(iter(spec.submodule_search_locations))) / "data" / "target_image.png"
-    with Image.open(path) as im:
-        return np.asarray(im.convert("RGB"))
 
 
 def island_tile_fn(
