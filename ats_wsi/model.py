@@ -15,7 +15,28 @@ from ats_wsi.nets import build_attention_net, build_feature_net
 from ats_wsi.patches import PatchSource, TensorPatchSource
 from ats_wsi.sampling import SAMPLERS, sample
 
-__all__ = ["ATSModel", "ATSOutput"]
+__all__ = ["ATSModel", "ATSOutput", "attend"]
+
+
+def attend(
+    attention_net: nn.Module,
+    view: Tensor,
+    mask: Tensor | None,
+    smoothing: float,
+    n: int,
+    mode: str,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One attention level: logits (B,1,h,w), probs (B,K) and ``n`` sampled indices (B,n).
+
+    ``n`` is capped at the cells with non-zero probability for samplers that draw distinct
+    cells; counted on probs, not the mask, because an unsmoothed softmax can underflow to 0.
+    """
+    logits = attention_net(view)
+    probs = attention_distribution(logits, mask, smoothing)
+    if mode != "with_replacement":
+        n = min(n, int((probs > 0).sum(dim=1).min()))
+    return logits, probs, sample(probs, n, mode, generator)
 
 
 @dataclass
@@ -137,14 +158,10 @@ class ATSModel(nn.Module):
         n = self.n_patches if n_patches is None else int(n_patches)
         batch = x_low.shape[0]
 
-        logits = self.attention_net(x_low)
-        probs = attention_distribution(logits, mask, self.smoothing)
-        if mode != "with_replacement":
-            # Drawing more distinct cells than have non-zero mass is impossible; count on probs
-            # (not the mask) because an unsmoothed softmax can underflow to exactly 0.
-            n = min(n, int((probs > 0).sum(dim=1).min()))
-        with torch.no_grad():
-            indices = sample(probs, n, mode, generator)
+        logits, probs, indices = attend(
+            self.attention_net, x_low, mask, self.smoothing, n, mode, generator
+        )
+        n = indices.shape[1]
 
         mapping = GridMapping(
             low_size=tuple(x_low.shape[-2:]),

@@ -17,11 +17,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ats_wsi.attention import attention_distribution
 from ats_wsi.estimators import expectation
 from ats_wsi.mapping import GridMapping
+from ats_wsi.model import attend
 from ats_wsi.patches import PatchSource
-from ats_wsi.sampling import sample
 
 __all__ = ["MultiLevelATSModel", "MultiLevelOutput", "nested_expectation"]
 
@@ -122,11 +121,8 @@ class MultiLevelATSModel(nn.Module):
         for level, (net, n, src) in enumerate(
             zip(self.attention_nets, self.n_samples, sources, strict=True)
         ):
-            logits = net(view)
-            probs = attention_distribution(logits, mask if level == 0 else None, self.smoothing)
-            allowed = int((probs > 0).sum(dim=1).min())
-            idx = sample(
-                probs, n if mode == "with_replacement" else min(n, allowed), mode, generator
+            logits, probs, idx = attend(
+                net, view, mask if level == 0 else None, self.smoothing, n, mode, generator
             )
             mapping = GridMapping(
                 low_size=tuple(view.shape[-2:]),
