@@ -14,14 +14,13 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from os import PathLike
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from ats_wsi.io.readers import open_slide
+from ats_wsi.io.readers import Closing, open_slide
 
 __all__ = ["LowResItem", "LowResLoader", "Prefetcher"]
 
@@ -84,7 +83,7 @@ class LowResLoader:
             )
 
 
-class Prefetcher:
+class Prefetcher(Closing):
     """Iterate ``(path, result or exception)`` over ``paths``, loading ahead with dask.
 
     Args:
@@ -170,14 +169,3 @@ class Prefetcher:
             self._client.close()
             self._client = None
             self._owns_client = False
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()

@@ -170,7 +170,25 @@ def resolve_mpp(
     )
 
 
-class BaseSlideReader(ABC):
+class Closing:
+    """Context-manager mixin: ``with obj: ...`` calls ``obj.close()`` on exit."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook, overridden where a handle exists
+        """Release held resources."""
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class BaseSlideReader(Closing, ABC):
     """Resampling, level choice, thumbnails and white fill on top of one primitive.
 
     Subclasses set ``path``, ``_level_dimensions``, ``_level_downsamples`` and ``_mpp`` and
@@ -345,19 +363,6 @@ class BaseSlideReader(ABC):
         return out
 
     # -- lifetime ------------------------------------------------------------------------------
-    def close(self) -> None:  # noqa: B027 - optional hook, most readers hold a handle
-        """Release the file handle."""
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return (

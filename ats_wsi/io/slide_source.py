@@ -8,15 +8,13 @@ low-resolution view of the whole slide gives boxes directly.
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
-from types import TracebackType
-from typing import Self
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from ats_wsi.io.errors import SlideTooSmallError
-from ats_wsi.io.readers import SlideReader
+from ats_wsi.io.readers import Closing, SlideReader
 
 __all__ = ["SlidePatchSource", "low_res_view"]
 
@@ -37,7 +35,7 @@ def low_res_view(reader: SlideReader, mpp: float) -> tuple[Tensor, tuple[float, 
     return view.float().div_(255), (height / image.shape[0], width / image.shape[1])
 
 
-class SlidePatchSource:
+class SlidePatchSource(Closing):
     """Square patches of ``patch_size_px`` pixels at ``patch_mpp`` um/px, cut from one slide.
 
     Attributes:
@@ -105,17 +103,6 @@ class SlidePatchSource:
     def close(self) -> None:
         """Stop the reader threads (the reader itself belongs to the caller)."""
         self._pool.shutdown(wait=True)
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return (
