@@ -15,7 +15,7 @@ import argparse
 import json
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -554,20 +554,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        cfg = load_yaml_config(args.config, SCHEMA)
-        check_choices(cfg, args.config, _CHOICES)
-    except (ConfigError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    if args.mnist_dir:
-        cfg["data"]["mnist_dir"] = args.mnist_dir
+def run_and_report(
+    run_fn: Callable[..., dict[str, Any]], cfg: dict[str, Any], args: argparse.Namespace
+) -> int:
+    """Shared CLI tail of the benchmark pipelines: apply ``--device``/``--out``, run, print."""
     if args.device:
         cfg["device"] = args.device
     out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
-    res = run(
+    res = run_fn(
         cfg,
         out,
         config_path=str(args.config),
@@ -580,6 +574,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     print(json.dumps({"out": str(out), "models": summary}, indent=2))
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = load_yaml_config(args.config, SCHEMA)
+        check_choices(cfg, args.config, _CHOICES)
+    except (ConfigError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.mnist_dir:
+        cfg["data"]["mnist_dir"] = args.mnist_dir
+    return run_and_report(run, cfg, args)
 
 
 if __name__ == "__main__":

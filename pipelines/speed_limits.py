@@ -47,6 +47,7 @@ from pipelines.megapixel_mnist import (
     check_resume_config,
     param_groups,
     pick_device,
+    run_and_report,
     summarise_history,
 )
 
@@ -485,22 +486,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if args.data_root:
         cfg["data"]["root"] = args.data_root
-    if args.device:
-        cfg["device"] = args.device
-    out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
-    res = run(
-        cfg,
-        out,
-        config_path=str(args.config),
-        resume_run=args.resume,
-        progress=False if args.no_progress else None,
-    )
-    summary = {
-        k: {kk: v.get(kk) for kk in ("test_error", "epochs_completed")}
-        for k, v in res["models"].items()
-    }
-    print(json.dumps({"out": str(out), "models": summary}, indent=2))
-    return 0
+    return run_and_report(run, cfg, args)
 
 
 if __name__ == "__main__":
