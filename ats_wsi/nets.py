@@ -245,8 +245,9 @@ def mnist_features(in_channels: int = 1, width: int = 32) -> FeatureNet:
 
 
 @register_attention_net("sts")
-def sts_attention(in_channels: int = 3) -> AttentionNet:
+def sts_attention(in_channels: int = 3, widths: Sequence[int] = (8, 16, 32)) -> AttentionNet:
     """Speed limits (ATS_SPEC 2.2): four 3x3 'valid' convs (8, 16, 32, 1), then max-pool 8.
+    ``widths`` sets the first three (CPU configs use fewer channels).
 
     ``receptive_field`` is 9, the value the spec and the reference use: 9 = 1 + 4 * (3 - 1) is
     the receptive field of one output unit of the conv stack (a 9 x 9 window). The pixels the
@@ -255,7 +256,9 @@ def sts_attention(in_channels: int = 3) -> AttentionNet:
     half a low-res pixel (under 1.7 high-res pixels at the spec's scale 0.3), negligible
     against 100 px patches.
     """
-    convs = ConvStack([in_channels, 8, 16, 32, 1], 3, "valid")
+    if len(widths) != 3:
+        raise ValueError(f"sts attention needs 3 widths, got {list(widths)}")
+    convs = ConvStack([in_channels, *map(int, widths), 1], 3, "valid")
     return AttentionNet(convs, nn.MaxPool2d(8), receptive_field=9)
 
 

@@ -39,7 +39,6 @@ from torch.utils._pytree import tree_flatten
 from ats_wsi.attention import entropy_regulariser
 
 __all__ = [
-    "ConfigError",
     "PeakMemory",
     "ResumeState",
     "StepOutput",
@@ -51,12 +50,14 @@ __all__ = [
     "fit",
     "library_versions",
     "load_checkpoint",
-    "load_yaml_config",
     "measure_step_cost",
+    "param_groups",
+    "pick_device",
     "read_jsonl",
     "resume",
     "save_checkpoint",
     "seed_everything",
+    "summarise_history",
     "to_device_float",
     "train_epoch",
     "truncate_jsonl",
@@ -80,6 +81,13 @@ def seed_everything(seed: int, deterministic: bool = False) -> torch.Generator:
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
     return torch.Generator().manual_seed(seed)
+
+
+def pick_device(name: str) -> torch.device:
+    """``auto``: CUDA when available, else CPU; anything else as ``torch.device(name)``."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
 
 
 def library_versions() -> dict[str, str]:
@@ -486,6 +494,14 @@ def resume(
 # ----------------------------------------------------------------------------- fit
 
 
+def param_groups(model: nn.Module, lr: float, head_lr_multiplier: float) -> list[dict[str, Any]]:
+    """Optimizer groups: the ``head`` module at ``lr * head_lr_multiplier``, the rest at ``lr``."""
+    head = list(model.head.parameters())
+    ids = {id(p) for p in head}
+    rest = [p for p in model.parameters() if id(p) not in ids]
+    return [{"params": rest, "lr": lr}, {"params": head, "lr": lr * head_lr_multiplier}]
+
+
 def fit(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -591,6 +607,26 @@ def fit(
         if out_of_time and epoch < epochs:
             break
     return read_jsonl(log_path)
+
+
+def summarise_history(history: list[dict[str, Any]], epochs: int, n_train: int) -> dict[str, Any]:
+    """Final test metrics and the measured training time per sample from a :func:`fit` log."""
+    evaluated = [r for r in history if "test_error" in r]
+    last = evaluated[-1] if evaluated else {}
+    train_s = sum(r["train_time_s"] for r in history)
+    return {
+        "epochs_planned": epochs,
+        "epochs_completed": history[-1]["epoch"] if history else 0,
+        "test_error": last.get("test_error"),
+        "test_accuracy": last.get("test_accuracy"),
+        "test_balanced_accuracy": last.get("test_balanced_accuracy"),
+        "test_evaluated_at_epoch": last.get("epoch"),
+        "best_test_error": min((r["test_error"] for r in evaluated), default=None),
+        "final_train_loss": history[-1]["train_loss"] if history else None,
+        "final_train_accuracy": history[-1]["train_accuracy"] if history else None,
+        "train_wall_time_s": train_s,
+        "train_time_per_sample_ms": 1e3 * train_s / max(1, n_train * len(history)),
+    }
 
 
 # ----------------------------------------------------------------------------- costs
@@ -720,69 +756,3 @@ def measure_step_cost(
         "batch_size": n,
         "mode": "train" if train else "inference",
     }
-
-
-# ----------------------------------------------------------------------------- configs
-
-
-class ConfigError(ValueError):
-    """A config file has an unknown key, a missing key or a value of the wrong type."""
-
-
-def _check(schema: Mapping[str, Any], data: Any, where: str, src: str) -> dict[str, Any]:
-    if not isinstance(data, Mapping):
-        raise ConfigError(
-            f"{src}: {where or 'top level'} must be a mapping, got {type(data).__name__}"
-        )
-    out: dict[str, Any] = {}
-    for key in data:
-        if key not in schema:
-            known = ", ".join(sorted(schema))
-            raise ConfigError(f"{src}: unknown key '{where}{key}' (known here: {known})")
-    for key, spec in schema.items():
-        path = f"{where}{key}"
-        if isinstance(spec, Mapping):
-            out[key] = _check(spec, data.get(key, {}), f"{path}.", src)
-            continue
-        types, default = spec
-        if key not in data:
-            if default is _REQUIRED:
-                raise ConfigError(f"{src}: missing required key '{path}'")
-            out[key] = default
-            continue
-        value = data[key]
-        # bool is an int subclass: never accept it where a number is expected, and accept an
-        # int where a float is expected (YAML writes 1 for 1.0).
-        ok = isinstance(value, types) and not (isinstance(value, bool) and bool not in types)
-        if not ok and float in types and isinstance(value, int) and not isinstance(value, bool):
-            value, ok = float(value), True
-        if not ok:
-            names = " or ".join("null" if t is type(None) else t.__name__ for t in types)
-            raise ConfigError(
-                f"{src}: key '{path}' must be {names}, got {type(value).__name__} {value!r}"
-            )
-        out[key] = value
-    return out
-
-
-_REQUIRED = object()
-REQUIRED = _REQUIRED
-"""Default marker in a schema: the key must be present."""
-
-
-def load_yaml_config(path: str | Path, schema: Mapping[str, Any]) -> dict[str, Any]:
-    """Read ``path`` with ``yaml.safe_load`` and validate it against ``schema``.
-
-    A schema maps each key to ``(types, default)`` (``types`` a tuple of Python types,
-    ``default`` a value or :data:`REQUIRED`) or to a nested schema. Unknown keys, missing
-    required keys and wrongly typed values raise :class:`ConfigError` naming the file and
-    the dotted key. Returns plain data with defaults filled in.
-    """
-    import yaml
-
-    path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
-    return _check(schema, data if data is not None else {}, "", str(path))

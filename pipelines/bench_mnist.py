@@ -2,7 +2,7 @@
 
 Three models from the Megapixel MNIST pipeline (:mod:`pipelines.megapixel_mnist`, settings from
 ``configs/megapixel_mnist.yaml``): ATS (the "mnist" attention and feature nets, 10 patches of
-50 px), the full-resolution :class:`~pipelines.megapixel_mnist.BaselineCNN` and the low-res one,
+50 px), the full-resolution :class:`~ats_wsi.baselines.BaselineCNN` and the low-res one,
 at several canvas sizes (the low-res view is always ``scale`` = 0.12 of the canvas). Canvases
 come from :class:`~ats_wsi.datasets.megapixel_mnist.MegapixelMNIST` (scikit-learn digits;
 timing does not depend on them) as uint8, as the pipeline ships them: each model converts what
@@ -62,11 +62,13 @@ def worker(cfg: dict[str, Any]) -> dict[str, Any]:
     import numpy as np
     import torch
 
+    from ats_wsi.baselines import BaselineCNN
+    from ats_wsi.config import load_yaml_config
     from ats_wsi.datasets.megapixel_mnist import MegapixelMNIST
     from ats_wsi.datasets.mnist import DigitPool
-    from ats_wsi.training import PeakMemory, StepOutput, compute_loss, load_yaml_config
+    from ats_wsi.training import PeakMemory, StepOutput, compute_loss
     from pipelines.bench_slide import rss_peak_mb
-    from pipelines.megapixel_mnist import SCHEMA, BaselineCNN, build_ats
+    from pipelines.megapixel_mnist import SCHEMA, build_ats
 
     if cfg.get("threads"):
         torch.set_num_threads(cfg["threads"])

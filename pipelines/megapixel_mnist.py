@@ -15,7 +15,7 @@ import argparse
 import json
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,47 +23,38 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+from ats_wsi.baselines import BaselineCNN
 from ats_wsi.benchmarking import describe_machine, write_json
+from ats_wsi.config import (
+    REQUIRED,
+    ConfigError,
+    check_choices,
+    check_resume_config,
+    load_yaml_config,
+)
 from ats_wsi.datasets.megapixel_mnist import MegapixelMNIST
 from ats_wsi.datasets.mnist import load_digit_pools
 from ats_wsi.model import ATSModel
-from ats_wsi.nets import he_init_
 from ats_wsi.training import (
-    REQUIRED,
-    ConfigError,
     ForwardFn,
     StepOutput,
     ats_forward,
     fit,
     library_versions,
-    load_checkpoint,
-    load_yaml_config,
     measure_step_cost,
+    param_groups,
+    pick_device,
     seed_everything,
+    summarise_history,
     to_device_float,
 )
+from pipelines.common import RESUMABLE, baseline_schema, run_and_report
 
-__all__ = ["BaselineCNN", "SCHEMA", "cnn_forward", "main", "run"]
+__all__ = ["SCHEMA", "cnn_forward", "main", "run"]
 
 _NUM = (int, float)
 _OPT_INT = (int, type(None))
 _OPT_STR = (str, type(None))
-
-
-def baseline_schema() -> dict[str, Any]:
-    """Schema of one CNN baseline block (shared with ``pipelines.speed_limits``)."""
-    return {
-        "enabled": ((bool,), True),
-        "epochs": (_OPT_INT, None),  # None: same as ATS
-        "batch_size": (_OPT_INT, None),
-        "lr": (_NUM, 1e-3),
-        "width": ((int,), 32),
-        "depth": ((int,), 4),
-        "stem_kernel": ((int,), 7),
-        "stem_stride": ((int,), 1),
-        "pool": ((str,), "avg"),
-        "time_budget_minutes": ((int, float, type(None)), None),
-    }
 
 
 SCHEMA: dict[str, Any] = {
@@ -120,57 +111,6 @@ SCHEMA: dict[str, Any] = {
     },
 }
 
-# Keys that may change between a run and its --resume (everything else must match).
-_RESUMABLE = {
-    ("train", "epochs"),
-    ("train", "time_budget_minutes"),
-    ("device",),
-    ("data", "num_workers"),
-    ("report",),  # what is measured after training, not how the model was trained
-}
-
-
-class BaselineCNN(nn.Module):
-    """Plain CNN baseline: a stem conv, ``depth`` stride-2 3x3 convs, global pool, linear.
-
-    Args:
-        in_channels, num_classes: input channels and outputs.
-        width: channels of every conv.
-        depth: number of stride-2 convs after the stem.
-        stem_kernel, stem_stride: the first conv (a stride > 1 keeps a full-resolution input
-            affordable).
-        pool: ``"avg"`` (can count instances, which the majority label needs) or ``"max"``.
-    """
-
-    def __init__(
-        self,
-        in_channels: int,
-        num_classes: int,
-        width: int = 32,
-        depth: int = 4,
-        stem_kernel: int = 7,
-        stem_stride: int = 1,
-        pool: str = "avg",
-    ) -> None:
-        super().__init__()
-        if pool not in ("avg", "max"):
-            raise ValueError(f"pool must be 'avg' or 'max', got {pool!r}")
-        layers: list[nn.Module] = [
-            nn.Conv2d(in_channels, width, stem_kernel, stem_stride, stem_kernel // 2),
-            nn.ReLU(inplace=True),
-        ]
-        for _ in range(depth):
-            layers += [nn.Conv2d(width, width, 3, 2, 1), nn.ReLU(inplace=True)]
-        self.body = nn.Sequential(*layers)
-        self.pool = pool
-        self.head = nn.Linear(width, num_classes)
-        he_init_(self)
-
-    def forward(self, x: Tensor) -> Tensor:
-        h = self.body(x)
-        h = h.mean(dim=(-2, -1)) if self.pool == "avg" else h.amax(dim=(-2, -1))
-        return self.head(h)
-
 
 def cnn_forward(view: int) -> ForwardFn:
     """Forward function feeding batch element ``view`` (0: low-res, 1: full-res) to a CNN."""
@@ -190,44 +130,6 @@ _CHOICES = {
     ("baselines", "low_res_cnn", "pool"): ("avg", "max"),
     ("baselines", "full_res_cnn", "pool"): ("avg", "max"),
 }
-
-
-def check_choices(
-    cfg: Mapping[str, Any], where: str, choices: Mapping[tuple[str, ...], tuple[Any, ...]]
-) -> None:
-    """Values limited to a set of names (registry entries, modes) name the key when wrong."""
-    for path, allowed in choices.items():
-        value: Any = cfg
-        for k in path:
-            value = value[k]
-        if value not in allowed:
-            raise ConfigError(
-                f"{where}: key '{'.'.join(path)}' must be one of {list(allowed)}, got {value!r}"
-            )
-
-
-def pick_device(name: str) -> torch.device:
-    """``auto``: CUDA when available, else CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def check_resume_config(old: Mapping[str, Any], new: Mapping[str, Any], where: str) -> None:
-    """Refuse to resume a checkpoint trained under a different configuration."""
-
-    def walk(a: Any, b: Any, path: tuple[str, ...]) -> None:
-        if path in _RESUMABLE:
-            return
-        if isinstance(a, Mapping) and isinstance(b, Mapping):
-            for k in set(a) | set(b):
-                walk(a.get(k), b.get(k), (*path, k))
-        elif a != b and not (path and path[0] == "baselines"):
-            raise ConfigError(
-                f"{where}: cannot resume, '{'.'.join(path)}' was {a!r} and is now {b!r}"
-            )
-
-    walk(old, new, ())
 
 
 def _loader(
@@ -295,14 +197,6 @@ def build_ats(cfg: Mapping[str, Any], in_channels: int, num_classes: int) -> ATS
             "smoothing": m["smoothing"],
         }
     )
-
-
-def param_groups(model: nn.Module, lr: float, head_lr_multiplier: float) -> list[dict[str, Any]]:
-    """Optimizer groups: the ``head`` module at ``lr * head_lr_multiplier``, the rest at ``lr``."""
-    head = list(model.head.parameters())
-    ids = {id(p) for p in head}
-    rest = [p for p in model.parameters() if id(p) not in ids]
-    return [{"params": rest, "lr": lr}, {"params": head, "lr": lr * head_lr_multiplier}]
 
 
 def _first_batch(ds: Dataset, n: int) -> tuple[Tensor, ...]:
@@ -389,7 +283,9 @@ def run(
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg_file = out_dir / "config.json"
     if resume_run and cfg_file.exists():
-        check_resume_config(json.loads(cfg_file.read_text()), cfg, str(out_dir))
+        check_resume_config(
+            json.loads(cfg_file.read_text()), cfg, str(out_dir), resumable=RESUMABLE
+        )
     cfg_file.write_text(json.dumps(cfg, indent=2) + "\n")
     budget = cfg["train"]["time_budget_minutes"]
     train_ds, test_ds = build_datasets(cfg)
@@ -514,31 +410,6 @@ def run(
     return results
 
 
-def summarise_history(history: list[dict[str, Any]], epochs: int, n_train: int) -> dict[str, Any]:
-    """Final test metrics and the measured training time per sample from a metrics log."""
-    evaluated = [r for r in history if "test_error" in r]
-    last = evaluated[-1] if evaluated else {}
-    train_s = sum(r["train_time_s"] for r in history)
-    return {
-        "epochs_planned": epochs,
-        "epochs_completed": history[-1]["epoch"] if history else 0,
-        "test_error": last.get("test_error"),
-        "test_accuracy": last.get("test_accuracy"),
-        "test_balanced_accuracy": last.get("test_balanced_accuracy"),
-        "test_evaluated_at_epoch": last.get("epoch"),
-        "best_test_error": min((r["test_error"] for r in evaluated), default=None),
-        "final_train_loss": history[-1]["train_loss"] if history else None,
-        "final_train_accuracy": history[-1]["train_accuracy"] if history else None,
-        "train_wall_time_s": train_s,
-        "train_time_per_sample_ms": 1e3 * train_s / max(1, n_train * len(history)),
-    }
-
-
-def checkpoint_epoch(path: str | Path) -> int:
-    """Epoch stored in a checkpoint (for scripts that poll progress)."""
-    return int(load_checkpoint(path)["epoch"])
-
-
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m pipelines.megapixel_mnist",
@@ -552,28 +423,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--device", help="cpu, cuda, cuda:N or auto (overrides the config)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p.parse_args(argv)
-
-
-def run_and_report(
-    run_fn: Callable[..., dict[str, Any]], cfg: dict[str, Any], args: argparse.Namespace
-) -> int:
-    """Shared CLI tail of the benchmark pipelines: apply ``--device``/``--out``, run, print."""
-    if args.device:
-        cfg["device"] = args.device
-    out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
-    res = run_fn(
-        cfg,
-        out,
-        config_path=str(args.config),
-        resume_run=args.resume,
-        progress=False if args.no_progress else None,
-    )
-    summary = {
-        k: {kk: v.get(kk) for kk in ("test_error", "epochs_completed")}
-        for k, v in res["models"].items()
-    }
-    print(json.dumps({"out": str(out), "models": summary}, indent=2))
-    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -25,31 +25,30 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+from ats_wsi.baselines import BaselineCNN
 from ats_wsi.benchmarking import describe_machine, write_json
+from ats_wsi.config import (
+    REQUIRED,
+    ConfigError,
+    check_choices,
+    check_resume_config,
+    load_yaml_config,
+)
 from ats_wsi.datasets.speed_limits import CLASSES, SpeedLimits, SpeedLimitsStandIn
 from ats_wsi.model import ATSModel
 from ats_wsi.training import (
-    REQUIRED,
-    ConfigError,
     ForwardFn,
     StepOutput,
     class_balanced_weights,
     fit,
     library_versions,
-    load_yaml_config,
     measure_step_cost,
-    seed_everything,
-)
-from pipelines.megapixel_mnist import (
-    BaselineCNN,
-    baseline_schema,
-    check_choices,
-    check_resume_config,
     param_groups,
     pick_device,
-    run_and_report,
+    seed_everything,
     summarise_history,
 )
+from pipelines.common import RESUMABLE, baseline_schema, run_and_report
 
 __all__ = ["SCHEMA", "augment", "low_res_view", "main", "run", "sts_forward"]
 
@@ -65,6 +64,8 @@ SCHEMA: dict[str, Any] = {
         "n_test": ((int,), 684),
         "class_probs": ((list,), [0.25, 0.25, 0.25, 0.25]),
         "sign_diameter": ((list,), [18, 30]),
+        "image_size": ((list,), [960, 1280]),  # stand-in only: (height, width)
+        "n_clutter": ((int,), 40),  # stand-in only
         "scale": (_NUM, 0.3),
         "num_workers": ((int,), 0),
     },
@@ -117,6 +118,7 @@ def _check_lists(cfg: Mapping[str, Any], where: str) -> None:
     specs = {
         ("data", "class_probs"): (4, (int, float)),
         ("data", "sign_diameter"): (2, (int,)),
+        ("data", "image_size"): (2, (int,)),
         ("train", "contrast"): (2, (int, float)),
         ("train", "brightness"): (2, (int, float)),
         ("train", "lr_decay_epochs"): (None, (int,)),
@@ -205,7 +207,12 @@ def build_datasets(cfg: Mapping[str, Any]) -> tuple[Dataset, Dataset]:
     d = cfg["data"]
     if d["root"]:
         return SpeedLimits(d["root"], "train"), SpeedLimits(d["root"], "test")
-    common = dict(class_probs=tuple(d["class_probs"]), sign_diameter=tuple(d["sign_diameter"]))
+    common = dict(
+        class_probs=tuple(d["class_probs"]),
+        sign_diameter=tuple(d["sign_diameter"]),
+        image_size=tuple(d["image_size"]),
+        n_clutter=d["n_clutter"],
+    )
     return (
         SpeedLimitsStandIn(d["n_train"], seed=2 * cfg["seed"], **common),
         SpeedLimitsStandIn(d["n_test"], seed=2 * cfg["seed"] + 1, **common),
@@ -327,7 +334,9 @@ def run(
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg_file = out_dir / "config.json"
     if resume_run and cfg_file.exists():
-        check_resume_config(json.loads(cfg_file.read_text()), cfg, str(out_dir))
+        check_resume_config(
+            json.loads(cfg_file.read_text()), cfg, str(out_dir), resumable=RESUMABLE
+        )
     cfg_file.write_text(json.dumps(cfg, indent=2) + "\n")
     train_ds, test_ds = build_datasets(cfg)
     t = cfg["train"]

@@ -124,6 +124,15 @@ def test_sts_receptive_field_matches_measurement() -> None:
     assert 40 - convs(torch.rand(1, 3, 40, 40)).shape[-1] == net.receptive_field - 1
 
 
+def test_sts_widths_change_channels_not_geometry() -> None:
+    net = build_attention_net("sts", in_channels=3, widths=(4, 4, 8))
+    widths = [m.out_channels for m in net.modules() if isinstance(m, nn.Conv2d)]
+    assert widths == [4, 4, 8, 1] and net.receptive_field == 9
+    assert net(torch.rand(1, 3, 72, 96)).shape == (1, 1, 8, 11)
+    with pytest.raises(ValueError, match="3 widths"):
+        build_attention_net("sts", widths=(8, 16))
+
+
 def test_same_padding_nets_lose_no_border() -> None:
     for name, channels in (("mnist", 1), ("histology", 3)):
         net = build_attention_net(name, in_channels=channels)

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from ats_wsi.config import ConfigError, check_choices, load_yaml_config
 from pipelines import megapixel_mnist as pipe
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,7 +66,7 @@ def test_pipeline_end_to_end_and_resume(tmp_path: Path) -> None:
     # Resuming under a different data config is refused.
     changed = dict(more, data={**more["data"], "n_noise": 3})
     _write(cfg_path, changed)
-    with pytest.raises(pipe.ConfigError, match="data.n_noise"):
+    with pytest.raises(ConfigError, match="data.n_noise"):
         pipe.main(["--config", str(cfg_path), "--out", str(out), "--resume", "--no-progress"])
 
 
@@ -91,8 +92,8 @@ def test_config_errors_name_file_and_key(tmp_path: Path, capsys, patch: dict, me
 
 @pytest.mark.parametrize("name", ["megapixel_mnist.yaml", "megapixel_mnist_small.yaml"])
 def test_shipped_configs_validate(name: str) -> None:
-    cfg = pipe.load_yaml_config(ROOT / "configs" / name, pipe.SCHEMA)
-    pipe.check_choices(cfg, name, pipe._CHOICES)
+    cfg = load_yaml_config(ROOT / "configs" / name, pipe.SCHEMA)
+    check_choices(cfg, name, pipe._CHOICES)
     if name == "megapixel_mnist.yaml":  # the paper's protocol (ATS_SPEC 2.1)
         assert cfg["data"]["canvas_size"] == 1500 and cfg["data"]["scale"] == 0.12
         assert (cfg["data"]["n_train"], cfg["data"]["n_test"]) == (5000, 1000)

@@ -11,6 +11,7 @@ import torch
 import yaml
 from PIL import Image
 
+from ats_wsi.config import load_yaml_config
 from ats_wsi.datasets.speed_limits import (
     CLASSES,
     Sign,
@@ -132,6 +133,20 @@ def test_stand_in_is_deterministic_and_lazy() -> None:
     assert len(__import__("pickle").dumps(SpeedLimitsStandIn(10**6))) < 2000
 
 
+def test_stand_in_smaller_scene_keeps_sign_geometry() -> None:
+    ds = SpeedLimitsStandIn(40, seed=1, image_size=(360, 480), n_clutter=10)
+    x, _ = ds[0]
+    assert x.shape == (3, 360, 480)
+    for i in range(40):
+        lay = ds.layout(i)
+        if lay.sign_centre is None:
+            continue
+        (cy, cx), d = lay.sign_centre, lay.sign_diameter
+        assert 18 <= d <= 30 and d <= cx <= 480 - d and 0.25 * 360 <= cy < 0.6 * 360
+    with pytest.raises(ValueError, match="too small"):
+        SpeedLimitsStandIn(1, image_size=(100, 480))
+
+
 def test_stand_in_number_readable_only_at_full_resolution() -> None:
     ds = SpeedLimitsStandIn(30, seed=0)
     i = next(k for k in range(30) if ds.layout(k).label != 0)
@@ -218,7 +233,7 @@ def test_config_errors(tmp_path: Path, capsys, section: str, value: dict, messag
 
 @pytest.mark.parametrize("name", ["speed_limits.yaml", "speed_limits_small.yaml"])
 def test_shipped_configs_validate(name: str) -> None:
-    cfg = pipe.load_yaml_config(ROOT / "configs" / name, pipe.SCHEMA)
+    cfg = load_yaml_config(ROOT / "configs" / name, pipe.SCHEMA)
     pipe._check_lists(cfg, name)
     if name == "speed_limits.yaml":  # the paper's protocol (ATS_SPEC 2.2)
         m, t = cfg["model"], cfg["train"]

@@ -34,14 +34,7 @@ SVS = SLIDES / "CMU-1-Small-Region.svs"
 PNG = SLIDES / "TCGA-HE-7130-01Z-00-DX1-thumbnail.png"
 CLASSES = ["normal", "tumor"]
 needs_slides = pytest.mark.skipif(not SVS.exists() or not PNG.exists(), reason="no shared slides")
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Any:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

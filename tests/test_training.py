@@ -1,4 +1,4 @@
-"""Training engine: loss, metrics, atomic checkpoints, weights-only resume, config checks."""
+"""Training engine: loss, metrics, atomic checkpoints, weights-only resume, helpers."""
 
 from __future__ import annotations
 
@@ -12,8 +12,6 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from ats_wsi import training
 from ats_wsi.training import (
-    REQUIRED,
-    ConfigError,
     PeakMemory,
     StepOutput,
     class_balanced_weights,
@@ -21,9 +19,11 @@ from ats_wsi.training import (
     evaluate,
     fit,
     load_checkpoint,
-    load_yaml_config,
+    param_groups,
+    pick_device,
     read_jsonl,
     save_checkpoint,
+    summarise_history,
     truncate_jsonl,
 )
 
@@ -179,26 +179,32 @@ def test_peak_memory_cpu() -> None:
     assert mem.peak == 8 * 2**20
 
 
-def test_load_yaml_config_errors_name_file_and_key(tmp_path: Path) -> None:
-    schema = {
-        "seed": ((int,), 0),
-        "train": {"lr": ((int, float), 1e-3), "epochs": ((int,), REQUIRED)},
-    }
-    p = tmp_path / "c.yaml"
-    p.write_text("train:\n  epochs: 3\n  lr: 1\n")
-    assert load_yaml_config(p, schema) == {"seed": 0, "train": {"lr": 1.0, "epochs": 3}}
-    cases = {
-        "train:\n  epochs: 3\n  lrr: 1\n": "unknown key 'train.lrr'",
-        "train:\n  epochs: 3\n  lr: fast\n": "'train.lr' must be int or float, got str",
-        "seed: true\ntrain:\n  epochs: 3\n": "'seed' must be int, got bool",
-        "train: {}\n": "missing required key 'train.epochs'",
-        "train: 3\n": "train. must be a mapping",
-        "seed: !!python/object/apply:os.system ['echo hi']\n": "not valid YAML",
-    }
-    for text, msg in cases.items():
-        p.write_text(text)
-        with pytest.raises(ConfigError, match=str(p).replace(".", r"\.") + ".*"):
-            load_yaml_config(p, schema)
-        with pytest.raises(ConfigError) as info:
-            load_yaml_config(p, schema)
-        assert msg in str(info.value), (text, str(info.value))
+def test_param_groups_scale_only_the_head() -> None:
+    model = nn.Sequential()
+    model.add_module("body", nn.Linear(3, 4))
+    model.add_module("head", nn.Linear(4, 2))
+    rest, head = param_groups(model, 1e-3, 10.0)
+    assert [p.shape for p in rest["params"]] == [(4, 3), (4,)]
+    assert [p.shape for p in head["params"]] == [(2, 4), (2,)]
+    assert (rest["lr"], head["lr"]) == (1e-3, pytest.approx(1e-2))
+
+
+def test_summarise_history_reports_the_last_evaluation() -> None:
+    history = [
+        {"epoch": 1, "train_time_s": 2.0, "train_loss": 1.0, "train_accuracy": 0.5},
+        {"epoch": 2, "train_time_s": 2.0, "train_loss": 0.5, "train_accuracy": 0.7,
+         "test_error": 0.3, "test_accuracy": 0.7},
+        {"epoch": 3, "train_time_s": 2.0, "train_loss": 0.4, "train_accuracy": 0.8},
+    ]  # fmt: skip
+    s = summarise_history(history, epochs=4, n_train=10)
+    assert (s["epochs_planned"], s["epochs_completed"]) == (4, 3)
+    assert (s["test_error"], s["test_evaluated_at_epoch"], s["best_test_error"]) == (0.3, 2, 0.3)
+    assert s["final_train_loss"] == 0.4 and s["train_wall_time_s"] == 6.0
+    assert s["train_time_per_sample_ms"] == pytest.approx(200.0)
+    assert summarise_history([], 4, 10)["epochs_completed"] == 0
+
+
+def test_pick_device() -> None:
+    assert pick_device("cpu") == torch.device("cpu")
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert pick_device("auto").type == expected

@@ -222,6 +222,8 @@ class SpeedLimitsStandIn(Dataset):
         sign_diameter: (min, max) full-resolution diameter of the speed sign in pixels.
         n_clutter: random boxes / ellipses per scene (buildings, cars, trees).
         n_distractors: (min, max) other signs (no number) per scene.
+        image_size: (height, width) of the scenes; clutter sizes scale with the height, sign
+            sizes do not (so a sign is as readable in a smaller scene).
     """
 
     def __init__(
@@ -232,6 +234,7 @@ class SpeedLimitsStandIn(Dataset):
         sign_diameter: tuple[int, int] = (18, 30),
         n_clutter: int = 40,
         n_distractors: tuple[int, int] = (1, 4),
+        image_size: tuple[int, int] = IMAGE_SIZE,
     ) -> None:
         p = np.asarray(class_probs, dtype=np.float64)
         if p.shape != (4,) or (p < 0).any() or not np.isclose(p.sum(), 1.0):
@@ -242,6 +245,11 @@ class SpeedLimitsStandIn(Dataset):
         self.sign_diameter = (int(sign_diameter[0]), int(sign_diameter[1]))
         self.n_clutter = int(n_clutter)
         self.n_distractors = (int(n_distractors[0]), int(n_distractors[1]))
+        self.image_size = (int(image_size[0]), int(image_size[1]))
+        if min(self.image_size) < 4 * self.sign_diameter[1]:
+            raise ValueError(
+                f"image_size {image_size} too small for signs up to {self.sign_diameter[1]} px"
+            )
 
     def __len__(self) -> int:
         return self.n_images
@@ -250,7 +258,8 @@ class SpeedLimitsStandIn(Dataset):
     def source(self) -> str:
         return (
             f"speed-limits-stand-in(seed={self.seed}, probs={self.class_probs.tolist()}, "
-            f"sign_diameter={self.sign_diameter})"
+            f"sign_diameter={self.sign_diameter}, image_size={self.image_size}, "
+            f"n_clutter={self.n_clutter})"
         )
 
     def label(self, i: int) -> int:
@@ -272,7 +281,7 @@ class SpeedLimitsStandIn(Dataset):
         return self._layout(rng)
 
     def _layout(self, rng: np.random.Generator) -> SceneLayout:
-        h, w = IMAGE_SIZE
+        h, w = self.image_size
         label = int(rng.choice(4, p=self.class_probs))
         d = int(rng.integers(self.sign_diameter[0], self.sign_diameter[1] + 1))
         cy = int(rng.integers(int(0.25 * h), int(0.6 * h)))
@@ -282,15 +291,16 @@ class SpeedLimitsStandIn(Dataset):
         return SceneLayout(label, (cy, cx), d)
 
     def render(self, i: int, label: int | None = None) -> np.ndarray:
-        """uint8 (960, 1280, 3) scene of item ``i``; ``label`` overrides only the number on
-        the sign (same scene otherwise), which the tests use to compare classes."""
+        """uint8 (height, width, 3) scene of item ``i``; ``label`` overrides only the number
+        on the sign (same scene otherwise), which the tests use to compare classes."""
         from PIL import Image, ImageDraw
 
         rng = self._rng(i)
         lay = self._layout(rng)
         if label is not None and lay.label != 0 and label != 0:
             lay = SceneLayout(label, lay.sign_centre, lay.sign_diameter)
-        h, w = IMAGE_SIZE
+        h, w = self.image_size
+        k = h / IMAGE_SIZE[0]  # clutter scale
         horizon = int(rng.integers(int(0.35 * h), int(0.6 * h)))
         sky = rng.uniform(150, 230, 3)
         road = rng.uniform(70, 130, 3)
@@ -302,7 +312,7 @@ class SpeedLimitsStandIn(Dataset):
         draw = ImageDraw.Draw(im)
         for _ in range(self.n_clutter):
             x0, y0 = int(rng.integers(0, w)), int(rng.integers(int(0.1 * h), h))
-            bw, bh = int(rng.integers(10, 260)), int(rng.integers(10, 220))
+            bw, bh = int(k * rng.integers(10, 260)), int(k * rng.integers(10, 220))
             color = tuple(int(c) for c in rng.integers(0, 256, 3))
             box = (x0, y0 - bh, x0 + bw, y0)
             if rng.random() < 0.5:
@@ -370,6 +380,6 @@ class SpeedLimitsStandIn(Dataset):
             x += dw + gap
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        """``(x_high uint8 (3, 960, 1280), label)``."""
+        """``(x_high uint8 (3, height, width), label)``."""
         arr = self.render(int(i))
         return torch.from_numpy(arr.copy()).permute(2, 0, 1), self.label(int(i))

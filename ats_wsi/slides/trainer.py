@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ats_wsi.config import load_yaml_config, validate
 from ats_wsi.model import ATSModel
 from ats_wsi.slides.cohort import DEMO_CLASSES, DemoCohortConfig, make_demo_cohort
 from ats_wsi.slides.engine import (
@@ -37,7 +38,8 @@ from ats_wsi.training import (
     append_jsonl,
     class_balanced_weights,
     library_versions,
-    load_yaml_config,
+    param_groups,
+    pick_device,
     read_jsonl,
     resume,
     save_checkpoint,
@@ -119,9 +121,7 @@ SCHEMA: dict[str, Any] = {
 
 def default_config() -> dict[str, Any]:
     """The schema's defaults (what an empty YAML file gives)."""
-    from ats_wsi.training import _check
-
-    return _check(SCHEMA, {}, "", "<defaults>")
+    return validate({}, SCHEMA, "<defaults>")
 
 
 def load_config(path: str | os.PathLike[str] | None) -> dict[str, Any]:
@@ -309,12 +309,6 @@ def _log(cfg: dict[str, Any], msg: str) -> None:
         print(msg, flush=True)
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def _load_data(
     cfg: dict[str, Any], out: Path, rank: int, world: int
 ) -> tuple[Any, list[str], Path | None]:
@@ -363,7 +357,7 @@ def train(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tcfg = cfg["train"]
-    device = _device(tcfg["device"])
+    device = pick_device(tcfg["device"])
     rank, world = init_distributed(device)
     if tcfg["torch_threads"]:
         torch.set_num_threads(tcfg["torch_threads"])
@@ -386,10 +380,8 @@ def train(
         ).to(device)
         # The head reads a mean of unit-norm features in which a lesion patch weighs ~1/N:
         # its weights must grow large, hence a larger learning rate for it alone.
-        head = [p for n, p in model.named_parameters() if n.startswith("head.")]
-        rest = [p for n, p in model.named_parameters() if not n.startswith("head.")]
         optim = torch.optim.Adam(
-            [{"params": rest}, {"params": head, "lr": tcfg["lr"] * tcfg["head_lr_multiplier"]}],
+            param_groups(model, tcfg["lr"], tcfg["head_lr_multiplier"]),
             lr=tcfg["lr"],
             weight_decay=tcfg["weight_decay"],
         )

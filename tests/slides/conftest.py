@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 
 from ats_wsi.slides.cohort import DemoCohortConfig, make_demo_cohort
 from ats_wsi.slides.trainer import default_config
@@ -18,12 +17,8 @@ TINY_COHORT = DemoCohortConfig(
 
 
 @pytest.fixture(autouse=True)
-def _one_thread() -> Any:
-    # The CI box has 2 cores shared with other jobs; tiny convs are fastest single-threaded.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_thread(one_thread: None) -> None:
+    """Every slide test runs single-threaded (``one_thread`` in tests/conftest.py)."""
 
 
 @pytest.fixture(scope="session")
