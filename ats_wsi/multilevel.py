@@ -30,6 +30,7 @@ def nested_expectation(
     features: Tensor,
     indices: Sequence[Tensor],
     modes: Sequence[str] | str = "without_replacement",
+    baseline: Tensor | None = None,
 ) -> Tensor:
     """Estimate the nested expectation over ``L`` levels.
 
@@ -39,6 +40,8 @@ def nested_expectation(
         features: (B * N_0 * ... * N_{L-2}, N_{L-1}, D) features of the last level's samples.
         indices: per level, the sampled cells (same rows as ``probs``, N_l columns).
         modes: estimator name per level (or one for all).
+        baseline: optional (D,) control variate, independent of the current draws; every
+            level's estimates live in the same feature space, so each level uses it.
 
     Returns:
         (B, D).
@@ -47,11 +50,11 @@ def nested_expectation(
         modes = [modes] * len(probs)
     if not (len(probs) == len(indices) == len(modes)) or not probs:
         raise ValueError("probs, indices and modes must have one entry per level")
-    est = expectation(probs[-1], features, indices[-1], modes[-1])
+    est = expectation(probs[-1], features, indices[-1], modes[-1], baseline)
     for level in range(len(probs) - 2, -1, -1):
         n = indices[level].shape[1]
         est = est.view(-1, n, est.shape[-1])
-        est = expectation(probs[level], est, indices[level], modes[level])
+        est = expectation(probs[level], est, indices[level], modes[level], baseline)
     return est
 
 
@@ -80,6 +83,7 @@ class MultiLevelATSModel(nn.Module):
     ``l + 1`` attends over, and, for the last level, the patches for the feature network. All
     sources describe the same image; their frames may differ in scale (tensors at several
     resolutions) or coincide (slides, where every frame is level-0 baseline pixels).
+    ``baseline_momentum`` is the running-mean control variate of :class:`ATSModel`.
     """
 
     def __init__(
@@ -90,6 +94,7 @@ class MultiLevelATSModel(nn.Module):
         n_samples: Sequence[int],
         sampler: str = "without_replacement",
         smoothing: float = 0.0,
+        baseline_momentum: float | None = 0.9,
     ) -> None:
         super().__init__()
         if len(attention_nets) != len(n_samples) or not attention_nets:
@@ -100,6 +105,8 @@ class MultiLevelATSModel(nn.Module):
         self.n_samples = list(n_samples)
         self.sampler = sampler
         self.smoothing = smoothing
+        self.baseline_momentum = baseline_momentum
+        self.register_buffer("feature_mean", torch.zeros(int(feature_net.out_dim)))
 
     def forward(
         self,
@@ -152,7 +159,11 @@ class MultiLevelATSModel(nn.Module):
                 view = boxes
         feats = self.feature_net(boxes).view(idx_all[-1].shape[0], idx_all[-1].shape[1], -1)
         # Samplers and estimators share names, so the sampler picks its estimator.
-        est = nested_expectation(probs_all, feats, idx_all, mode)
+        baseline = None if self.baseline_momentum is None else self.feature_mean.clone()
+        est = nested_expectation(probs_all, feats, idx_all, mode, baseline)
+        if self.training and self.baseline_momentum is not None:
+            with torch.no_grad():
+                self.feature_mean.lerp_(est.mean(dim=0), 1 - self.baseline_momentum)
         return MultiLevelOutput(
             logits=self.head(est),
             probs=probs_all,

@@ -41,13 +41,16 @@ def _prob(a: torch.Tensor, q, replacement: bool) -> torch.Tensor:
         (("without_replacement", "with_replacement"), (False, True)),
     ],
 )
-def test_two_level_estimator_exactly_unbiased(modes, replacement):
+@pytest.mark.parametrize("with_baseline", [False, True])
+def test_two_level_estimator_exactly_unbiased(modes, replacement, with_baseline):
     k1, n1, k2, n2, d = 3, 2, 3, 2, 2
     gen = torch.Generator().manual_seed(3)
     l1 = (2 * torch.randn(1, 1, 1, k1, generator=gen, dtype=DT)).requires_grad_()
     l2 = (2 * torch.randn(k1, 1, 1, k2, generator=gen, dtype=DT)).requires_grad_()
     feats = torch.randn(k1, k2, d, generator=gen, dtype=DT).requires_grad_()
     g = torch.randn(1, d, generator=gen, dtype=DT)
+    # Any vector that does not depend on the draws keeps every level exactly unbiased.
+    c = 3 * torch.randn(d, generator=gen, dtype=DT) if with_baseline else None
 
     a1 = attention_distribution(l1)  # (1, K1)
     a2 = attention_distribution(l2)  # (K1, K2)
@@ -68,7 +71,7 @@ def test_two_level_estimator_exactly_unbiased(modes, replacement):
             probs2 = a2[list(q1)]  # (N1, K2): one inner distribution per drawn region
             idx2 = torch.tensor(inner)
             f = feats[torch.tensor(q1).unsqueeze(1), idx2]  # (N1, N2, D)
-            est = nested_expectation([a1, probs2], f, [idx1, idx2], modes)
+            est = nested_expectation([a1, probs2], f, [idx1, idx2], modes, c)
             dg = torch.autograd.grad(p * (g * est).sum(), (l1, l2, feats))
             value += p * est.detach()
             total += p
