@@ -68,7 +68,8 @@ def worker(cfg: dict[str, Any]) -> dict[str, Any]:
     from ats_wsi.datasets.mnist import DigitPool
     from ats_wsi.training import PeakMemory, StepOutput, compute_loss
     from pipelines.bench_slide import rss_peak_mb
-    from pipelines.megapixel_mnist import SCHEMA, build_ats
+    from pipelines.common import build_ats
+    from pipelines.megapixel_mnist import SCHEMA
 
     if cfg.get("threads"):
         torch.set_num_threads(cfg["threads"])

@@ -12,7 +12,6 @@ noise order, machine). ``--resume`` continues every model from its checkpoint.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -20,18 +19,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
+from torch import nn
+from torch.utils.data import Dataset
 
-from ats_wsi.baselines import BaselineCNN
-from ats_wsi.benchmarking import describe_machine, write_json
-from ats_wsi.config import (
-    REQUIRED,
-    ConfigError,
-    check_choices,
-    check_resume_config,
-    load_yaml_config,
-)
+from ats_wsi.config import REQUIRED
 from ats_wsi.datasets.megapixel_mnist import MegapixelMNIST
 from ats_wsi.datasets.mnist import load_digit_pools
 from ats_wsi.model import ATSModel
@@ -39,16 +30,24 @@ from ats_wsi.training import (
     ForwardFn,
     StepOutput,
     ats_forward,
-    fit,
-    library_versions,
-    measure_step_cost,
     param_groups,
-    pick_device,
     seed_everything,
-    summarise_history,
     to_device_float,
 )
-from pipelines.common import RESUMABLE, baseline_schema, run_and_report
+from pipelines.common import (
+    base_parser,
+    baseline_schema,
+    build_ats,
+    build_baseline,
+    finish_run,
+    first_batch,
+    load_checked_config,
+    new_results,
+    run_and_report,
+    start_run,
+    train_model,
+    write_attention_figures,
+)
 
 __all__ = ["SCHEMA", "cnn_forward", "main", "run"]
 
@@ -132,27 +131,6 @@ _CHOICES = {
 }
 
 
-def _loader(
-    ds: Dataset,
-    batch_size: int,
-    shuffle: bool,
-    cfg: Mapping[str, Any],
-    device: torch.device,
-    generator: torch.Generator | None = None,
-) -> DataLoader:
-    workers = int(cfg["data"]["num_workers"])
-    return DataLoader(
-        ds,
-        batch_size=batch_size,
-        shuffle=shuffle,
-        generator=generator,
-        num_workers=workers,
-        pin_memory=device.type == "cuda",
-        persistent_workers=workers > 0,
-        prefetch_factor=2 if workers > 0 else None,
-    )
-
-
 def build_datasets(cfg: Mapping[str, Any], views: str = "both") -> tuple[MegapixelMNIST, ...]:
     """Train and test Megapixel MNIST from disjoint digit pools (seeds ``seed``, ``seed+1``)."""
     d = cfg["data"]
@@ -175,37 +153,6 @@ def build_datasets(cfg: Mapping[str, Any], views: str = "both") -> tuple[Megapix
     return train, test
 
 
-def build_ats(cfg: Mapping[str, Any], in_channels: int, num_classes: int) -> ATSModel:
-    """The paper's ATS model from the ``model`` block."""
-    m = cfg["model"]
-    return ATSModel.from_config(
-        {
-            "attention_net": {
-                **m["attention_net_args"],
-                "name": m["attention_net"],
-                "in_channels": in_channels,
-            },
-            "feature_net": {
-                **m["feature_net_args"],
-                "name": m["feature_net"],
-                "in_channels": in_channels,
-            },
-            "num_classes": num_classes,
-            "n_patches": m["n_patches"],
-            "patch_size": m["patch_size"],
-            "sampler": m["sampler"],
-            "smoothing": m["smoothing"],
-        }
-    )
-
-
-def _first_batch(ds: Dataset, n: int) -> tuple[Tensor, ...]:
-    items = [ds[i] for i in range(min(n, len(ds)))]
-    return tuple(
-        torch.stack([torch.as_tensor(it[k]) for it in items]) for k in range(len(items[0]))
-    )
-
-
 def save_figures(
     model: ATSModel,
     ds: Dataset,
@@ -217,56 +164,16 @@ def save_figures(
     prefix: str = "ats_test",
 ) -> list[str]:
     """Attention figures for the first ``n`` items of ``ds``; returns the file names."""
-    from ats_wsi.viz import save_attention_figure
-
     if n <= 0:
         return []
-    x_low, x_high, y = _first_batch(ds, n)
+    x_low, x_high, y = first_batch(ds, n)
     model.eval()
     gen = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
         out = ats_forward(gen, **forward_kwargs)(model, (x_low, x_high, y), device).extra
-    names = []
-    pred = out.logits.argmax(1).cpu()
-    for i in range(len(y)):
-        path = out_dir / "figures" / f"{prefix}_{i:02d}.png"
-        save_attention_figure(
-            path,
-            x_low[i],
-            out.attention[i],
-            out.locations[i],
-            model.patch_size,
-            tuple(x_high.shape[-2:]),
-            patches=out.patches[i],
-            title=f"label {int(y[i])}, predicted {int(pred[i])}",
-        )
-        names.append(str(path.relative_to(out_dir)))
-    return names
-
-
-def _measure(
-    model: nn.Module,
-    batch: tuple[Tensor, ...],
-    forward: ForwardFn,
-    device: torch.device,
-    repeats: int,
-    used: Sequence[int],
-) -> dict[str, Any]:
-    """Train-step and inference cost per sample; inputs counted are the views ``used``."""
-    n_bytes = sum(batch[k].numel() * batch[k].element_size() for k in used)
-    on_device = tuple(t.to(device) for t in batch)
-    return {
-        mode: measure_step_cost(
-            model,
-            on_device,
-            forward=forward,
-            device=device,
-            train=mode == "train",
-            repeats=repeats,
-            input_bytes=n_bytes,
-        )
-        for mode in ("train", "inference")
-    }
+    return write_attention_figures(
+        out_dir, out, x_low, y, x_high.shape[-2:], model.patch_size, prefix=prefix
+    )
 
 
 def run(
@@ -279,37 +186,29 @@ def run(
 ) -> dict[str, Any]:
     """Train and evaluate ATS and the enabled baselines; write and return ``results.json``."""
     t_run = time.perf_counter()
-    device = pick_device(cfg["device"])
-    out_dir.mkdir(parents=True, exist_ok=True)
-    cfg_file = out_dir / "config.json"
-    if resume_run and cfg_file.exists():
-        check_resume_config(
-            json.loads(cfg_file.read_text()), cfg, str(out_dir), resumable=RESUMABLE
-        )
-    cfg_file.write_text(json.dumps(cfg, indent=2) + "\n")
-    budget = cfg["train"]["time_budget_minutes"]
+    device = start_run(cfg, out_dir, resume_run)
     train_ds, test_ds = build_datasets(cfg)
     num_classes = 10
     t = cfg["train"]
-    results: dict[str, Any] = {
-        "benchmark": "megapixel_mnist",
-        "config_file": config_path,
-        "config": cfg,
-        "data": {
-            "train_source": train_ds.source,
-            "test_source": test_ds.source,
-            "n_train": len(train_ds),
-            "n_test": len(test_ds),
-            "noise_order": train_ds.noise_order,
-            "canvas_size": list(train_ds.canvas_size),
-            "low_size": list(train_ds.low_size),
-        },
-        "device": str(device),
-        "machine": describe_machine(),
-        "versions": library_versions(),
-        "models": {},
-    }
-    cost_batch = _first_batch(test_ds, cfg["report"]["cost_batch_size"])
+    results = new_results(
+        "megapixel_mnist",
+        config_path,
+        cfg,
+        device,
+        train_ds,
+        test_ds,
+        noise_order=train_ds.noise_order,
+        canvas_size=list(train_ds.canvas_size),
+        low_size=list(train_ds.low_size),
+    )
+    shared = dict(  # arguments of every train_model call
+        cfg=cfg,
+        out_dir=out_dir,
+        device=device,
+        cost_batch=first_batch(test_ds, cfg["report"]["cost_batch_size"]),
+        resume_run=resume_run,
+        progress=progress,
+    )
 
     # ---- ATS
     seed_everything(cfg["seed"])
@@ -321,35 +220,22 @@ def run(
     eval_kwargs = {}
     if cfg["model"]["eval_sampler"]:
         eval_kwargs["sampler"] = cfg["model"]["eval_sampler"]
-    history = fit(
+    results["models"]["ats"] = train_model(
+        "ats",
         model,
         opt,
-        _loader(train_ds, t["batch_size"], True, cfg, device, shuffle_gen),
+        train_ds,
+        test_ds,
+        batch_size=t["batch_size"],
         epochs=t["epochs"],
-        out_dir=out_dir,
-        name="ats",
-        eval_loader=_loader(test_ds, t["batch_size"], False, cfg, device),
-        eval_every=t["eval_every"],
+        budget_minutes=t["time_budget_minutes"],
+        generators={"shuffle": shuffle_gen, "sample": sample_gen, "eval": eval_gen},
         forward=ats_forward(sample_gen),
         eval_forward=ats_forward(eval_gen, **eval_kwargs),
-        device=device,
         entropy_lambda=t["entropy_lambda"],
-        clip_norm=t["clip_norm"],
-        config=cfg,
-        generators={"shuffle": shuffle_gen, "sample": sample_gen, "eval": eval_gen},
-        checkpoint_every=t["checkpoint_every"],
-        resume_run=resume_run,
-        time_budget_s=None if budget is None else 60.0 * budget,
-        progress=progress,
-    )
-    results["models"]["ats"] = summarise_history(history, t["epochs"], len(train_ds))
-    results["models"]["ats"]["cost"] = _measure(
-        model,
-        cost_batch,
-        ats_forward(torch.Generator(device=device).manual_seed(0)),
-        device,
-        cfg["report"]["cost_repeats"],
-        used=(0, 1),
+        cost_forward=ats_forward(torch.Generator(device=device).manual_seed(0)),
+        cost_used=(0, 1),
+        **shared,
     )
     results["models"]["ats"]["figures"] = save_figures(
         model, test_ds, out_dir, cfg["report"]["n_figures"], device, eval_kwargs, cfg["seed"]
@@ -364,74 +250,37 @@ def run(
         views = "low" if view == 0 else "high"
         b_train, b_test = build_datasets(cfg, views=views)
         seed_everything(cfg["seed"])
-        cnn = BaselineCNN(
-            1, num_classes, b["width"], b["depth"], b["stem_kernel"], b["stem_stride"], b["pool"]
-        ).to(device)
-        bs = b["batch_size"] or t["batch_size"]
-        epochs = b["epochs"] or t["epochs"]
-        b_shuffle = torch.Generator().manual_seed(cfg["seed"])
-        history = fit(
+        cnn = build_baseline(b, 1, num_classes).to(device)
+        results["models"][name] = train_model(
+            name,
             cnn,
             torch.optim.Adam(param_groups(cnn, b["lr"], t["head_lr_multiplier"]), lr=b["lr"]),
-            _loader(b_train, bs, True, cfg, device, b_shuffle),
-            epochs=epochs,
-            out_dir=out_dir,
-            name=name,
-            eval_loader=_loader(b_test, bs, False, cfg, device),
-            eval_every=t["eval_every"],
+            b_train,
+            b_test,
+            batch_size=b["batch_size"] or t["batch_size"],
+            epochs=b["epochs"] or t["epochs"],
+            budget_minutes=b["time_budget_minutes"],
+            generators={"shuffle": torch.Generator().manual_seed(cfg["seed"])},
             forward=cnn_forward(view),
-            device=device,
-            clip_norm=t["clip_norm"],
-            config=cfg,
-            generators={"shuffle": b_shuffle},
-            checkpoint_every=t["checkpoint_every"],
-            resume_run=resume_run,
-            time_budget_s=None
-            if b["time_budget_minutes"] is None
-            else 60.0 * b["time_budget_minutes"],
-            progress=progress,
-        )
-        results["models"][name] = summarise_history(history, epochs, len(b_train))
-        results["models"][name]["cost"] = _measure(
-            cnn,
-            cost_batch,
-            cnn_forward(view),
-            device,
-            cfg["report"]["cost_repeats"],
-            used=(view,),
+            cost_forward=cnn_forward(view),
+            cost_used=(view,),
+            **shared,
         )
         del cnn
 
-    results["wall_time_s"] = time.perf_counter() - t_run
-    results["complete"] = all(
-        m.get("epochs_completed") == m.get("epochs_planned") for m in results["models"].values()
-    )
-    write_json(out_dir / "results.json", results)
-    return results
+    return finish_run(results, out_dir, t_run)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="python -m pipelines.megapixel_mnist",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("--config", required=True, help="YAML config (see configs/)")
+    p = base_parser("python -m pipelines.megapixel_mnist", __doc__)
     p.add_argument("--mnist-dir", help="folder with MNIST IDX files (overrides data.mnist_dir)")
-    p.add_argument("--out", help="output folder (default runs/<config name>)")
-    p.add_argument("--resume", action="store_true", help="continue from the checkpoints")
-    p.add_argument("--device", help="cpu, cuda, cuda:N or auto (overrides the config)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        cfg = load_yaml_config(args.config, SCHEMA)
-        check_choices(cfg, args.config, _CHOICES)
-    except (ConfigError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    cfg = load_checked_config(args.config, SCHEMA, _CHOICES)
+    if cfg is None:
         return 2
     if args.mnist_dir:
         cfg["data"]["mnist_dir"] = args.mnist_dir

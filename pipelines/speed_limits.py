@@ -13,7 +13,6 @@ model. Outputs as in :mod:`pipelines.megapixel_mnist`.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -23,32 +22,32 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
-from ats_wsi.baselines import BaselineCNN
-from ats_wsi.benchmarking import describe_machine, write_json
-from ats_wsi.config import (
-    REQUIRED,
-    ConfigError,
-    check_choices,
-    check_resume_config,
-    load_yaml_config,
-)
+from ats_wsi.config import REQUIRED, ConfigError
 from ats_wsi.datasets.speed_limits import CLASSES, SpeedLimits, SpeedLimitsStandIn
 from ats_wsi.model import ATSModel
 from ats_wsi.training import (
     ForwardFn,
     StepOutput,
     class_balanced_weights,
-    fit,
-    library_versions,
-    measure_step_cost,
     param_groups,
-    pick_device,
     seed_everything,
-    summarise_history,
 )
-from pipelines.common import RESUMABLE, baseline_schema, run_and_report
+from pipelines.common import (
+    base_parser,
+    baseline_schema,
+    build_ats,
+    build_baseline,
+    finish_run,
+    first_batch,
+    load_checked_config,
+    new_results,
+    run_and_report,
+    start_run,
+    train_model,
+    write_attention_figures,
+)
 
 __all__ = ["SCHEMA", "augment", "low_res_view", "main", "run", "sts_forward"]
 
@@ -219,105 +218,22 @@ def build_datasets(cfg: Mapping[str, Any]) -> tuple[Dataset, Dataset]:
     )
 
 
-def build_ats(cfg: Mapping[str, Any]) -> ATSModel:
-    """The paper's speed-limits ATS model from the ``model`` block."""
-    m = cfg["model"]
-    return ATSModel.from_config(
-        {
-            "attention_net": {
-                **m["attention_net_args"],
-                "name": m["attention_net"],
-                "in_channels": 3,
-            },
-            "feature_net": {**m["feature_net_args"], "name": m["feature_net"], "in_channels": 3},
-            "num_classes": len(CLASSES),
-            "n_patches": m["n_patches"],
-            "patch_size": m["patch_size"],
-            "sampler": m["sampler"],
-            "smoothing": m["smoothing"],
-        }
-    )
-
-
-def _loader(
-    ds: Dataset,
-    bs: int,
-    shuffle: bool,
-    cfg: Mapping[str, Any],
-    device: torch.device,
-    generator: torch.Generator | None = None,
-) -> DataLoader:
-    workers = int(cfg["data"]["num_workers"])
-    return DataLoader(
-        ds,
-        batch_size=bs,
-        shuffle=shuffle,
-        generator=generator,
-        num_workers=workers,
-        pin_memory=device.type == "cuda",
-        persistent_workers=workers > 0,
-    )
-
-
-def _batch(ds: Dataset, n: int) -> tuple[Tensor, Tensor]:
-    items = [ds[i] for i in range(min(n, len(ds)))]
-    return torch.stack([it[0] for it in items]), torch.tensor([it[1] for it in items])
-
-
-def _measure(
-    model: nn.Module,
-    batch: tuple[Tensor, Tensor],
-    forward: ForwardFn,
-    device: torch.device,
-    repeats: int,
-) -> dict[str, Any]:
-    on_device = tuple(t.to(device) for t in batch)
-    n_bytes = batch[0].numel() * batch[0].element_size()
-    return {
-        mode: measure_step_cost(
-            model,
-            on_device,
-            forward=forward,
-            device=device,
-            train=mode == "train",
-            repeats=repeats,
-            input_bytes=n_bytes,
-        )
-        for mode in ("train", "inference")
-    }
-
-
 def save_figures(
     model: ATSModel, ds: Dataset, cfg: Mapping[str, Any], out_dir: Path, device: torch.device
 ) -> list[str]:
     """Attention figures for the first ``report.n_figures`` test images."""
-    from ats_wsi.viz import save_attention_figure
-
     n = cfg["report"]["n_figures"]
     if n <= 0:
         return []
-    x, y = _batch(ds, n)
+    x, y = first_batch(ds, n)
     model.eval()
     gen = torch.Generator(device=device).manual_seed(cfg["seed"])
     with torch.no_grad():
         out = sts_forward(cfg, train=False, generator=gen)(model, (x, y), device).extra
         x_low = low_res_view(x.float().div(255.0), float(cfg["data"]["scale"]))
-    pred = out.logits.argmax(1).cpu()
-    names = []
-    for i in range(len(y)):
-        path = out_dir / "figures" / f"ats_test_{i:02d}.png"
-        save_attention_figure(
-            path,
-            x_low[i],
-            out.attention[i],
-            out.locations[i],
-            model.patch_size,
-            tuple(x.shape[-2:]),
-            patches=out.patches[i],
-            title=f"label {CLASSES[int(y[i])]}, predicted {CLASSES[int(pred[i])]}",
-        )
-        names.append(str(path.relative_to(out_dir)))
-    return names
+    return write_attention_figures(
+        out_dir, out, x_low, y, x.shape[-2:], model.patch_size, class_names=CLASSES
+    )
 
 
 def run(
@@ -330,44 +246,37 @@ def run(
 ) -> dict[str, Any]:
     """Train and evaluate ATS and the low-res CNN; write and return ``results.json``."""
     t_run = time.perf_counter()
-    device = pick_device(cfg["device"])
-    out_dir.mkdir(parents=True, exist_ok=True)
-    cfg_file = out_dir / "config.json"
-    if resume_run and cfg_file.exists():
-        check_resume_config(
-            json.loads(cfg_file.read_text()), cfg, str(out_dir), resumable=RESUMABLE
-        )
-    cfg_file.write_text(json.dumps(cfg, indent=2) + "\n")
+    device = start_run(cfg, out_dir, resume_run)
     train_ds, test_ds = build_datasets(cfg)
     t = cfg["train"]
     train_labels = list(train_ds.labels)
     weights = class_balanced_weights(train_labels, len(CLASSES)) if t["class_balanced"] else None
-    results: dict[str, Any] = {
-        "benchmark": "speed_limits",
-        "config_file": config_path,
-        "config": cfg,
-        "data": {
-            "train_source": train_ds.source,
-            "test_source": test_ds.source,
-            "n_train": len(train_ds),
-            "n_test": len(test_ds),
-            "train_class_counts": [train_labels.count(c) for c in range(len(CLASSES))],
-            "classes": list(CLASSES),
-        },
-        "device": str(device),
-        "machine": describe_machine(),
-        "versions": library_versions(),
-        "models": {},
-    }
-    budget = t["time_budget_minutes"]
-    cost_batch = _batch(test_ds, cfg["report"]["cost_batch_size"])
+    results = new_results(
+        "speed_limits",
+        config_path,
+        cfg,
+        device,
+        train_ds,
+        test_ds,
+        train_class_counts=[train_labels.count(c) for c in range(len(CLASSES))],
+        classes=list(CLASSES),
+    )
+    shared = dict(  # arguments of every train_model call
+        cfg=cfg,
+        out_dir=out_dir,
+        device=device,
+        cost_batch=first_batch(test_ds, cfg["report"]["cost_batch_size"]),
+        class_weights=weights,
+        resume_run=resume_run,
+        progress=progress,
+    )
 
     def schedule(opt: torch.optim.Optimizer) -> Any:
         return torch.optim.lr_scheduler.MultiStepLR(opt, t["lr_decay_epochs"], t["lr_decay_factor"])
 
     # ---- ATS
     seed_everything(cfg["seed"])
-    model = build_ats(cfg).to(device)
+    model = build_ats(cfg, 3, len(CLASSES)).to(device)
     opt = torch.optim.Adam(param_groups(model, t["lr"], t["head_lr_multiplier"]), lr=t["lr"])
     sched = schedule(opt)
     gens = {
@@ -377,38 +286,26 @@ def run(
         "eval": torch.Generator(device=device).manual_seed(cfg["seed"] + 2),
     }
     eval_kwargs = {"sampler": cfg["model"]["eval_sampler"]} if cfg["model"]["eval_sampler"] else {}
-    history = fit(
+    results["models"]["ats"] = train_model(
+        "ats",
         model,
         opt,
-        _loader(train_ds, t["batch_size"], True, cfg, device, gens["shuffle"]),
+        train_ds,
+        test_ds,
+        batch_size=t["batch_size"],
         epochs=t["epochs"],
-        out_dir=out_dir,
-        name="ats",
-        eval_loader=_loader(test_ds, t["batch_size"], False, cfg, device),
-        eval_every=t["eval_every"],
+        budget_minutes=t["time_budget_minutes"],
+        generators=gens,
         forward=sts_forward(
             cfg, train=True, generator=gens["sample"], aug_generator=gens["augment"]
         ),
         eval_forward=sts_forward(cfg, train=False, generator=gens["eval"], **eval_kwargs),
-        device=device,
         scheduler=sched,
         entropy_lambda=t["entropy_lambda"],
-        class_weights=weights,
-        clip_norm=t["clip_norm"],
-        config=cfg,
-        generators=gens,
-        checkpoint_every=t["checkpoint_every"],
-        resume_run=resume_run,
-        time_budget_s=None if budget is None else 60.0 * budget,
-        progress=progress,
-    )
-    results["models"]["ats"] = summarise_history(history, t["epochs"], len(train_ds))
-    results["models"]["ats"]["cost"] = _measure(
-        model,
-        cost_batch,
-        sts_forward(cfg, train=False, generator=torch.Generator(device=device).manual_seed(0)),
-        device,
-        cfg["report"]["cost_repeats"],
+        cost_forward=sts_forward(
+            cfg, train=False, generator=torch.Generator(device=device).manual_seed(0)
+        ),
+        **shared,
     )
     results["models"]["ats"]["figures"] = save_figures(model, test_ds, cfg, out_dir, device)
     del model, opt
@@ -417,81 +314,43 @@ def run(
     b = cfg["baselines"]["low_res_cnn"]
     if b["enabled"]:
         seed_everything(cfg["seed"])
-        cnn = BaselineCNN(
-            3, len(CLASSES), b["width"], b["depth"], b["stem_kernel"], b["stem_stride"], b["pool"]
-        ).to(device)
+        cnn = build_baseline(b, 3, len(CLASSES)).to(device)
         bopt = torch.optim.Adam(param_groups(cnn, b["lr"], t["head_lr_multiplier"]), lr=b["lr"])
         bgens = {
             "shuffle": torch.Generator().manual_seed(cfg["seed"]),
             "augment": torch.Generator().manual_seed(cfg["seed"] + 3),
         }
-        bs = b["batch_size"] or t["batch_size"]
-        epochs = b["epochs"] or t["epochs"]
-        history = fit(
+        results["models"]["low_res_cnn"] = train_model(
+            "low_res_cnn",
             cnn,
             bopt,
-            _loader(train_ds, bs, True, cfg, device, bgens["shuffle"]),
-            epochs=epochs,
-            out_dir=out_dir,
-            name="low_res_cnn",
-            eval_loader=_loader(test_ds, bs, False, cfg, device),
-            eval_every=t["eval_every"],
+            train_ds,
+            test_ds,
+            batch_size=b["batch_size"] or t["batch_size"],
+            epochs=b["epochs"] or t["epochs"],
+            budget_minutes=b["time_budget_minutes"],
+            generators=bgens,
             forward=sts_forward(
                 cfg, train=True, kind="low_res_cnn", aug_generator=bgens["augment"]
             ),
             eval_forward=sts_forward(cfg, train=False, kind="low_res_cnn"),
-            device=device,
             scheduler=schedule(bopt),
-            class_weights=weights,
-            clip_norm=t["clip_norm"],
-            config=cfg,
-            generators=bgens,
-            checkpoint_every=t["checkpoint_every"],
-            resume_run=resume_run,
-            time_budget_s=None
-            if b["time_budget_minutes"] is None
-            else 60.0 * b["time_budget_minutes"],
-            progress=progress,
+            cost_forward=sts_forward(cfg, train=False, kind="low_res_cnn"),
+            **shared,
         )
-        results["models"]["low_res_cnn"] = summarise_history(history, epochs, len(train_ds))
-        results["models"]["low_res_cnn"]["cost"] = _measure(
-            cnn,
-            cost_batch,
-            sts_forward(cfg, train=False, kind="low_res_cnn"),
-            device,
-            cfg["report"]["cost_repeats"],
-        )
-    results["wall_time_s"] = time.perf_counter() - t_run
-    results["complete"] = all(
-        m.get("epochs_completed") == m.get("epochs_planned") for m in results["models"].values()
-    )
-    write_json(out_dir / "results.json", results)
-    return results
+    return finish_run(results, out_dir, t_run)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="python -m pipelines.speed_limits",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("--config", required=True, help="YAML config (see configs/)")
+    p = base_parser("python -m pipelines.speed_limits", __doc__)
     p.add_argument("--data-root", help="STS folder with Set1/ and Set2/ (overrides data.root)")
-    p.add_argument("--out", help="output folder (default runs/<config name>)")
-    p.add_argument("--resume", action="store_true", help="continue from the checkpoints")
-    p.add_argument("--device", help="cpu, cuda, cuda:N or auto (overrides the config)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        cfg = load_yaml_config(args.config, SCHEMA)
-        check_choices(cfg, args.config, _CHOICES)
-        _check_lists(cfg, args.config)
-    except (ConfigError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    cfg = load_checked_config(args.config, SCHEMA, _CHOICES, _check_lists)
+    if cfg is None:
         return 2
     if args.data_root:
         cfg["data"]["root"] = args.data_root
