@@ -109,7 +109,7 @@ SMALL = Path(__file__).resolve().parents[1] / "configs" / "megapixel_mnist_small
 
 @pytest.mark.slow
 def test_small_config_learns_well_above_chance(tmp_path: Path) -> None:
-    """The shipped small config, end to end on real digits (about 10 minutes on 2 cores)."""
+    """The shipped small config, end to end on real digits (about 5 minutes on 2 cores)."""
     if not MNIST_DIR.is_dir():
         pytest.skip(f"real MNIST digits not found at {MNIST_DIR}")
     code = pipe.main(
@@ -125,6 +125,7 @@ def test_small_config_learns_well_above_chance(tmp_path: Path) -> None:
     )
     assert code == 0
     models = json.loads((tmp_path / "results.json").read_text())["models"]
-    # Chance is 90 % error. Measured with this seed: ATS 57.7 %, low-res CNN 84.7 %.
-    assert models["ats"]["test_error"] <= 0.80, models["ats"]
-    assert models["ats"]["test_error"] <= models["low_res_cnn"]["test_error"] - 0.05, models
+    # Chance is 90 % error. Measured with this seed: ATS 47.7 %, low-res CNN 83.0 %, full-image
+    # CNN 81.3 %. The margins allow for other CPUs' float rounding changing the trajectory.
+    assert models["ats"]["test_error"] <= 0.70, models["ats"]
+    assert models["ats"]["test_error"] <= models["low_res_cnn"]["test_error"] - 0.10, models
