@@ -90,7 +90,9 @@ def test_config_errors_name_file_and_key(tmp_path: Path, capsys, patch: dict, me
     assert str(path) in err and message in err
 
 
-@pytest.mark.parametrize("name", ["megapixel_mnist.yaml", "megapixel_mnist_small.yaml"])
+@pytest.mark.parametrize(
+    "name", ["megapixel_mnist.yaml", "megapixel_mnist_small.yaml", "megapixel_mnist_cpu.yaml"]
+)
 def test_shipped_configs_validate(name: str) -> None:
     cfg = load_yaml_config(ROOT / "configs" / name, pipe.SCHEMA)
     check_choices(cfg, name, pipe._CHOICES)
