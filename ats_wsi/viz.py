@@ -69,7 +69,8 @@ def save_attention_figure(
     h, w = low.shape[:2]
     sy, sx = h / float(high_size[0]), w / float(high_size[1])
     gallery = [] if patches is None else [_as_image(p) for p in _np(patches)[:max_patches]]
-    ncols = max(2, len(gallery))
+    # At least 4 columns so the two top panels are 2 columns (4 in) wide and their titles fit.
+    ncols = max(4, len(gallery))
     fig = plt.figure(figsize=(2.0 * ncols, 4.0 + (2.2 if gallery else 0.0)), dpi=100)
     grid = fig.add_gridspec(2 if gallery else 1, ncols, height_ratios=[2, 1] if gallery else [1])
     half = ncols // 2

@@ -151,7 +151,7 @@ def test_stand_in_smaller_scene_keeps_sign_geometry() -> None:
     ("image_size", "sign_diameter", "scale", "low_size"),
     [
         ((960, 1280), (18, 30), 0.3, (288, 384)),  # the paper's geometry
-        ((240, 320), (30, 40), 0.2, (48, 64)),  # configs/speed_limits_small.yaml
+        ((180, 240), (30, 40), 0.2, (36, 48)),  # configs/speed_limits_small.yaml
     ],
 )
 def test_stand_in_number_readable_only_at_full_resolution(
@@ -262,10 +262,11 @@ def test_shipped_configs_validate(name: str) -> None:
 
 @pytest.mark.slow
 def test_small_config_learns_above_chance(tmp_path: Path) -> None:
-    """The shipped small config, end to end on the stand-in (about 5.5 minutes on 2 cores)."""
+    """The shipped small config, end to end on the stand-in (about 5 minutes on 2 cores)."""
     config = ROOT / "configs" / "speed_limits_small.yaml"
     assert pipe.main(["--config", str(config), "--out", str(tmp_path), "--no-progress"]) == 0
     models = json.loads((tmp_path / "results.json").read_text())["models"]
-    # Chance is 75 % error. Measured with this seed: ATS 1.3 %, low-res CNN 64 %.
+    # Chance is 75 % error. Measured with this seed on 2 threads: ATS 6.5 %, low-res CNN 60 %;
+    # ATS was under 40 % from epoch 8 of 12 on (docs/speed_limits.md).
     assert models["ats"]["test_error"] <= 0.40, models["ats"]
     assert models["ats"]["test_error"] <= models["low_res_cnn"]["test_error"] - 0.2, models
