@@ -54,6 +54,7 @@ __all__ = [
     "param_groups",
     "pick_device",
     "read_jsonl",
+    "recalibrate_batchnorm",
     "resume",
     "save_checkpoint",
     "seed_everything",
@@ -308,6 +309,49 @@ def evaluate(
     return _metrics(prefix, losses, ys, preds)
 
 
+def recalibrate_batchnorm(
+    model: nn.Module,
+    batches: Iterable[Any],
+    *,
+    forward: ForwardFn | None = None,
+    device: torch.device | str = "cpu",
+) -> int:
+    """Set every BatchNorm's running statistics to their plain average over ``batches``,
+    computed with the current weights ("precise BN"); returns how many batches ran.
+
+    The momentum average that training keeps mixes statistics of many recent weight states;
+    after a fast change, evaluation with it can collapse to one class while batch statistics
+    are fine. Every other buffer (e.g. ATSModel's control variate) is left as it was. No
+    batch runs when the model has no BatchNorm.
+    """
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not bns:
+        return 0
+    forward = forward or ats_forward()
+    device = torch.device(device)
+    was_training = model.training
+    bn_buffers = {id(b) for m in bns for b in m.buffers()}
+    others = [(b, b.clone()) for b in model.buffers() if id(b) not in bn_buffers]
+    momenta = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the batches
+    n = 0
+    model.train()
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                forward(model, batch, device)
+                n += 1
+    finally:
+        for m, momentum in zip(bns, momenta, strict=True):
+            m.momentum = momentum
+        for buf, saved in others:
+            buf.copy_(saved)
+        model.train(was_training)
+    return n
+
+
 # ----------------------------------------------------------------------------- JSON lines
 
 
@@ -526,12 +570,15 @@ def fit(
     time_budget_s: float | None = None,
     progress: bool | None = None,
     on_epoch_end: Callable[[int, dict[str, Any]], None] | None = None,
+    bn_loader: Iterable[Any] | None = None,
 ) -> list[dict[str, Any]]:
     """Train for ``epochs`` epochs (or until ``time_budget_s``), logging and checkpointing.
 
     With ``resume_run`` and an existing checkpoint, states are restored and training goes on
     from the epoch after it. ``scheduler.step()`` is called once per epoch. The final epoch
-    is always checkpointed. Returns every record of the metrics log (earlier runs included).
+    is always checkpointed. With ``bn_loader``, BatchNorm statistics are recomputed over it
+    (:func:`recalibrate_batchnorm`, with ``eval_forward``) before every evaluation and
+    checkpoint. Returns every record of the metrics log (earlier runs included).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -577,7 +624,11 @@ def fit(
         # Decided before evaluating, so that a run stopped by its budget ends evaluated.
         out_of_time = time_budget_s is not None and time.perf_counter() - t_start > time_budget_s
         last = epoch == epochs or out_of_time
-        if eval_loader is not None and (epoch % eval_every == 0 or last):
+        evaluate_now = eval_loader is not None and (epoch % eval_every == 0 or last)
+        checkpoint_now = epoch % checkpoint_every == 0 or last
+        if bn_loader is not None and (evaluate_now or checkpoint_now):
+            recalibrate_batchnorm(model, bn_loader, forward=eval_forward or forward, device=device)
+        if evaluate_now:
             record.update(
                 evaluate(
                     model,
@@ -590,7 +641,7 @@ def fit(
                 )
             )
         record["epoch_time_s"] = time.perf_counter() - t0
-        if epoch % checkpoint_every == 0 or last:
+        if checkpoint_now:
             # Checkpoint before logging: a log line never refers to a state that was lost.
             save_checkpoint(
                 ckpt_path,

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 
 from ats_wsi.config import REQUIRED, ConfigError
 from ats_wsi.datasets.speed_limits import CLASSES, SpeedLimits, SpeedLimitsStandIn
@@ -42,6 +42,7 @@ from pipelines.common import (
     finish_run,
     first_batch,
     load_checked_config,
+    make_loader,
     new_results,
     run_and_report,
     start_run,
@@ -96,6 +97,10 @@ SCHEMA: dict[str, Any] = {
         "eval_every": ((int,), 1),
         "checkpoint_every": ((int,), 1),
         "time_budget_minutes": ((int, float, type(None)), None),
+        # BatchNorm statistics recomputed on this many unshuffled training batches before
+        # each evaluation and checkpoint (0: keep training's momentum average, which made
+        # single epochs evaluate at chance in docs/speed_limits.md).
+        "bn_recalibration_batches": ((int,), 25),
     },
     "baselines": {"low_res_cnn": baseline_schema()},
     "report": {
@@ -286,6 +291,10 @@ def run(
         "eval": torch.Generator(device=device).manual_seed(cfg["seed"] + 2),
     }
     eval_kwargs = {"sampler": cfg["model"]["eval_sampler"]} if cfg["model"]["eval_sampler"] else {}
+    n_bn = min(len(train_ds), t["bn_recalibration_batches"] * t["batch_size"])
+    bn_loader = None
+    if n_bn > 0:
+        bn_loader = make_loader(Subset(train_ds, range(n_bn)), t["batch_size"], False, cfg, device)
     results["models"]["ats"] = train_model(
         "ats",
         model,
@@ -300,6 +309,7 @@ def run(
             cfg, train=True, generator=gens["sample"], aug_generator=gens["augment"]
         ),
         eval_forward=sts_forward(cfg, train=False, generator=gens["eval"], **eval_kwargs),
+        bn_loader=bn_loader,
         scheduler=sched,
         entropy_lambda=t["entropy_lambda"],
         cost_forward=sts_forward(

@@ -22,6 +22,7 @@ from ats_wsi.training import (
     param_groups,
     pick_device,
     read_jsonl,
+    recalibrate_batchnorm,
     save_checkpoint,
     summarise_history,
     truncate_jsonl,
@@ -208,3 +209,80 @@ def test_pick_device() -> None:
     assert pick_device("cpu") == torch.device("cpu")
     expected = "cuda" if torch.cuda.is_available() else "cpu"
     assert pick_device("auto").type == expected
+
+
+class _BNNet(nn.Module):
+    """Linear -> BatchNorm1d -> Linear, plus a buffer that every training-mode call moves."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.bn, self.head = nn.Linear(4, 3), nn.BatchNorm1d(3), nn.Linear(3, 2)
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            self.calls += 1
+        return self.head(self.bn(self.fc(x)))
+
+
+def test_recalibrate_batchnorm_sets_the_plain_average_and_touches_nothing_else() -> None:
+    torch.manual_seed(0)
+    model = _BNNet().eval()
+    model.bn.running_mean.fill_(5.0)  # stale statistics, as after a fast weight change
+    model.bn.running_var.fill_(9.0)
+    model.bn.num_batches_tracked.fill_(100)
+    batches = list(DataLoader(_data(24), batch_size=8))
+    n = recalibrate_batchnorm(model, batches, forward=_forward)
+    assert n == 3 and not model.training
+    with torch.no_grad():
+        feats = [model.fc(x) for x, _ in batches]
+    # momentum=None: the running stats are the mean of the per-batch mean / unbiased variance.
+    want_mean = torch.stack([f.mean(0) for f in feats]).mean(0)
+    want_var = torch.stack([f.var(0, unbiased=True) for f in feats]).mean(0)
+    torch.testing.assert_close(model.bn.running_mean, want_mean, rtol=0, atol=1e-6)
+    torch.testing.assert_close(model.bn.running_var, want_var, rtol=0, atol=1e-6)
+    assert model.bn.momentum == 0.1 and float(model.calls) == 0.0
+
+
+def test_recalibrate_batchnorm_without_batchnorm_reads_nothing() -> None:
+    def never() -> object:
+        raise AssertionError("read a batch")
+        yield
+
+    assert recalibrate_batchnorm(nn.Linear(4, 2), never(), forward=_forward) == 0
+
+
+def test_fit_bn_loader_changes_evaluation_not_training(tmp_path: Path) -> None:
+    def run(out: Path, bn_loader):
+        torch.manual_seed(0)
+        model = _BNNet()
+        opt = torch.optim.Adam(model.parameters(), lr=0.05)
+        loader = DataLoader(
+            _data(), batch_size=8, shuffle=True, generator=torch.Generator().manual_seed(1)
+        )
+        hist = fit(
+            model,
+            opt,
+            loader,
+            epochs=3,
+            out_dir=out,
+            forward=_forward,
+            eval_loader=DataLoader(_data(16), batch_size=8),
+            bn_loader=bn_loader,
+            progress=False,
+        )
+        return model, hist
+
+    calib = list(DataLoader(_data(16), batch_size=8))
+    plain_model, plain = run(tmp_path / "plain", None)
+    model, hist = run(tmp_path / "calib", calib)
+    for a, b in zip(plain, hist, strict=True):
+        assert a["train_loss"] == b["train_loss"]  # training never reads running statistics
+    torch.testing.assert_close(model.fc.weight, plain_model.fc.weight, rtol=0, atol=0)
+    assert float(model.calls) == float(plain_model.calls)
+    want = _BNNet()
+    want.load_state_dict(model.state_dict())
+    recalibrate_batchnorm(want, calib, forward=_forward)
+    saved = load_checkpoint(tmp_path / "calib" / "ats_checkpoint.pt")["model"]
+    torch.testing.assert_close(saved["bn.running_mean"], want.bn.running_mean, rtol=0, atol=0)
+    assert not torch.equal(saved["bn.running_mean"], plain_model.bn.running_mean)
