@@ -322,7 +322,9 @@ def recalibrate_batchnorm(
     The momentum average that training keeps mixes statistics of many recent weight states;
     after a fast change, evaluation with it can collapse to one class while batch statistics
     are fine. Every other buffer (e.g. ATSModel's control variate) is left as it was. No
-    batch runs when the model has no BatchNorm.
+    batch runs when the model has no BatchNorm. Unlike ``torch.optim.swa_utils.update_bn``,
+    which calls ``model(batch[0])``, batches go through a ``forward`` function, so ATS models
+    (low-res view plus full-resolution source) work too.
     """
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not bns:
