@@ -1,5 +1,6 @@
-"""Helpers shared by the benchmarks in ``pipelines.benchmark``: machine description, timing,
-JSON output. Kept free of benchmark logic so every subcommand reports the same fields."""
+"""Measurement helpers shared by every benchmark: machine description, interleaved timing,
+peak tensor memory, per-sample step cost, JSON output. Kept free of benchmark logic so every
+benchmark reports the same fields."""
 
 from __future__ import annotations
 
@@ -9,14 +10,28 @@ import platform
 import statistics
 import sys
 import time
+import weakref
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor, nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
-__all__ = ["cpu_model", "describe_machine", "time_call", "time_interleaved", "write_json"]
+from ats_wsi.training import ForwardFn, compute_loss
+
+__all__ = [
+    "PeakMemory",
+    "cpu_model",
+    "describe_machine",
+    "measure_step_cost",
+    "time_call",
+    "time_interleaved",
+    "write_json",
+]
 
 
 def cpu_model() -> str:
@@ -115,3 +130,130 @@ def write_json(path: str | Path, payload: dict[str, Any]) -> Path:
     payload = {"timestamp_utc": datetime.now(UTC).isoformat(timespec="seconds"), **payload}
     path.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
     return path
+
+
+# ----------------------------------------------------------------------------- costs
+
+
+class PeakMemory:
+    """Peak bytes of tensors allocated inside the ``with`` block.
+
+    CUDA: from the allocator's peak statistics. CPU: a dispatch-mode hook that counts every
+    new tensor storage and releases it when the storage is freed (torch has no CPU allocator
+    statistics). Tensors that existed before the block (parameters, inputs) are not counted.
+    """
+
+    def __init__(self, device: torch.device | str = "cpu") -> None:
+        self.device = torch.device(device)
+        self.peak = 0
+        self._live = 0
+        self._seen: set[int] = set()
+        self._mode: Any = None
+        self._base = 0
+
+    def __enter__(self) -> PeakMemory:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self._base = torch.cuda.memory_allocated(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            self._mode = _StorageCounter(self)
+            self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak = torch.cuda.max_memory_allocated(self.device) - self._base
+        else:
+            self._mode.__exit__(*exc)
+
+    def _track(self, t: Tensor, inputs: set[int]) -> None:
+        if t.device.type != "cpu":
+            return
+        st = t.untyped_storage()
+        key = st.data_ptr()
+        # Views and in-place results share an input's storage: nothing new was allocated.
+        if key in inputs or key in self._seen or st.nbytes() == 0:
+            return
+        self._seen.add(key)
+        self._live += st.nbytes()
+        self.peak = max(self.peak, self._live)
+        # torch keeps a storage's Python object alive as long as the storage, so this fires
+        # when the memory is actually released.
+        weakref.finalize(st, self._release, key, st.nbytes())
+
+    def _release(self, key: int, nbytes: int) -> None:
+        self._seen.discard(key)
+        self._live -= nbytes
+
+
+class _StorageCounter(TorchDispatchMode):
+    """Reports every tensor an op returns to a :class:`PeakMemory`."""
+
+    def __init__(self, owner: PeakMemory) -> None:
+        super().__init__()
+        self.owner = owner
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        inputs = {
+            t.untyped_storage().data_ptr()
+            for t in tree_flatten((args, kwargs))[0]
+            if isinstance(t, Tensor) and t.device.type == "cpu"
+        }
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, Tensor):
+                self.owner._track(t, inputs)
+        return out
+
+
+def measure_step_cost(
+    model: nn.Module,
+    batch: Any,
+    *,
+    forward: ForwardFn,
+    device: torch.device | str = "cpu",
+    train: bool = True,
+    repeats: int = 3,
+    input_bytes: int | None = None,
+) -> dict[str, float]:
+    """Time and peak memory of one forward (+ backward when ``train``) pass, per sample.
+
+    ``peak_memory_per_sample_mb`` counts tensors created during the step plus
+    ``input_bytes`` (the batch's tensors unless given), divided by the batch size. Timing is
+    the median over ``repeats`` after one warm-up call; parameters are not updated.
+    """
+    device = torch.device(device)
+    model.train(train)
+    n = len(batch[-1])
+    if input_bytes is None:
+        input_bytes = sum(t.numel() * t.element_size() for t in batch if isinstance(t, Tensor))
+
+    def step() -> None:
+        with torch.set_grad_enabled(train):
+            out = forward(model, batch, device)
+            if train:
+                loss, _ = compute_loss(out)
+                loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    step()  # warm-up (allocator, cuDNN autotuning)
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - t0)
+    with PeakMemory(device) as mem:
+        step()
+    return {
+        "time_per_sample_ms": statistics.median(times) * 1e3 / n,
+        "peak_memory_per_sample_mb": (mem.peak + input_bytes) / n / 2**20,
+        "batch_size": n,
+        "mode": "train" if train else "inference",
+    }

@@ -136,7 +136,11 @@ def _gather_pixels(x: Tensor, batch: Tensor, top_left: Tensor, size: int, fill: 
 
 
 class TensorPatchSource:
-    """:class:`PatchSource` over an in-memory (B, C, H, W) tensor."""
+    """:class:`PatchSource` over an in-memory (B, C, H, W) tensor.
+
+    A uint8 image stays bytes; only the cut patches become float in [0, 1], so the full
+    image is never materialised as floats (4x its size), the point of attention sampling.
+    """
 
     def __init__(self, x_high: Tensor, patch_size: int, fill: float = 0.0) -> None:
         if x_high.dim() != 4:
@@ -148,7 +152,8 @@ class TensorPatchSource:
 
     def extract(self, top_left: Tensor) -> Tensor:
         """(B, N, 2) top-left corners -> (B, N, C, patch_size, patch_size) patches."""
-        return extract_patches(self.x, top_left, self.patch_size, self.fill)
+        patches = extract_patches(self.x, top_left, self.patch_size, self.fill)
+        return patches.float().div_(255.0) if patches.dtype == torch.uint8 else patches
 
     def __repr__(self) -> str:
         return (

@@ -32,6 +32,7 @@ from tiatoolbox.models.models_abc import ModelABC
 from tiatoolbox.wsicore.wsireader import WSIReader
 from torch import Tensor
 
+from ats_wsi.checkpoint import load_checkpoint
 from ats_wsi.io.readers import BACKENDS, register_backend
 from ats_wsi.io.tiatoolbox_reader import TiatoolboxReader
 from ats_wsi.io.tissue import load_mask
@@ -39,7 +40,6 @@ from ats_wsi.model import ATSModel, ATSOutput
 from ats_wsi.slides.engine import _MEAN, _STD, SlideSettings, predict_slide
 from ats_wsi.slides.export import PredictionsCSV, prediction_columns, save_attention_zarr
 from ats_wsi.slides.inference import Predictor
-from ats_wsi.training import load_checkpoint
 
 __all__ = ["ATSEngine", "ATSTiatoolboxModel"]
 

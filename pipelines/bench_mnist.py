@@ -11,7 +11,7 @@ it needs to float itself (the full-res CNN the whole canvas, ATS only its patche
 Each (model, size) runs in a fresh subprocess and reports, per sample: forward time
 (inference mode), training-step time (forward, loss with the entropy term, backward, Adam
 step), and peak memory as (RSS high-water mark - RSS before the batch existed) / batch, plus
-the tensor peak of one training step counted by :class:`ats_wsi.training.PeakMemory` (what
+the tensor peak of one training step counted by :class:`ats_wsi.benchmarking.PeakMemory` (what
 ``pipelines.megapixel_mnist`` reports) and, on CUDA, ``max_memory_allocated`` / batch.
 """
 
@@ -27,28 +27,10 @@ from typing import Any
 
 from pipelines.benchmark import subcommand
 
-__all__ = ["MODELS", "Uint8PatchSource", "main", "worker"]
+__all__ = ["MODELS", "main", "worker"]
 
 MODELS = ("ats", "cnn_full", "cnn_low")
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "megapixel_mnist.yaml"
-
-
-class Uint8PatchSource:
-    """Patches cut from uint8 canvases and converted to float [0, 1] only after the cut.
-
-    Keeps the full-resolution batch at one byte per pixel, as an ATS data path would.
-    """
-
-    def __init__(self, x_high: Any, patch_size: int) -> None:
-        self.x = x_high
-        self.patch_size = int(patch_size)
-        self.shape: tuple[int, int] = (int(x_high.shape[-2]), int(x_high.shape[-1]))
-
-    def extract(self, top_left: Any) -> Any:
-        """(B, N, 2) corners -> float (B, N, C, p, p) in [0, 1]; outside the canvas is 0."""
-        from ats_wsi.patches import extract_patches
-
-        return extract_patches(self.x, top_left, self.patch_size).float().div_(255)
 
 
 def _current_rss_mb() -> float:
@@ -63,10 +45,12 @@ def worker(cfg: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     from ats_wsi.baselines import BaselineCNN
+    from ats_wsi.benchmarking import PeakMemory
     from ats_wsi.config import load_yaml_config
     from ats_wsi.datasets.megapixel_mnist import MegapixelMNIST
     from ats_wsi.datasets.mnist import DigitPool
-    from ats_wsi.training import PeakMemory, StepOutput, compute_loss
+    from ats_wsi.patches import TensorPatchSource
+    from ats_wsi.training import StepOutput, compute_loss
     from pipelines.bench_slide import rss_peak_mb
     from pipelines.common import build_ats
     from pipelines.megapixel_mnist import SCHEMA
@@ -116,7 +100,7 @@ def worker(cfg: dict[str, Any]) -> dict[str, Any]:
 
     def forward() -> StepOutput:
         if name == "ats":
-            source = Uint8PatchSource(x_high, model.patch_size)
+            source = TensorPatchSource(x_high, model.patch_size)
             out = model(x_low, source, generator=gen)
             return StepOutput(out.logits, y, out.probs)
         x = x_high.float().div_(255) if name == "cnn_full" else x_low

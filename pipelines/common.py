@@ -15,14 +15,14 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from ats_wsi.baselines import BaselineCNN
-from ats_wsi.benchmarking import describe_machine, write_json
+from ats_wsi.benchmarking import describe_machine, measure_step_cost, write_json
+from ats_wsi.checkpoint import library_versions
 from ats_wsi.config import ConfigError, check_choices, check_resume_config, load_yaml_config
 from ats_wsi.model import ATSModel
 from ats_wsi.training import (
     ForwardFn,
     fit,
-    library_versions,
-    measure_step_cost,
+    loader_steps,
     pick_device,
     summarise_history,
 )
@@ -256,27 +256,38 @@ def train_model(
     """Train ``model`` with :func:`fit`, then measure its cost; returns its results entry.
 
     The training set is shuffled with ``generators["shuffle"]``; ``fit_kwargs`` (``forward``,
-    ``eval_forward``, ``scheduler``, ...) go to :func:`fit` unchanged.
+    ``eval_forward``, ``bn_loader``, ...) go to :func:`loader_steps`, ``scheduler`` to
+    :func:`fit`.
     """
     t = cfg["train"]
-    history = fit(
+    scheduler = fit_kwargs.pop("scheduler", None)
+    steps = loader_steps(
         model,
         opt,
         make_loader(train_ds, batch_size, True, cfg, device, generators["shuffle"]),
+        make_loader(test_ds, batch_size, False, cfg, device),
+        name=name,
+        epochs=epochs,
+        device=device,
+        clip_norm=t["clip_norm"],
+        progress=progress,
+        **fit_kwargs,
+    )
+    history = fit(
+        model,
+        opt,
+        **steps,
         epochs=epochs,
         out_dir=out_dir,
         name=name,
-        eval_loader=make_loader(test_ds, batch_size, False, cfg, device),
         eval_every=t["eval_every"],
         device=device,
-        clip_norm=t["clip_norm"],
+        scheduler=scheduler,
         config=cfg,
         generators=generators,
         checkpoint_every=t["checkpoint_every"],
         resume_run=resume_run,
         time_budget_s=budget_seconds(budget_minutes),
-        progress=progress,
-        **fit_kwargs,
     )
     entry = summarise_history(history, epochs, len(train_ds))
     entry["cost"] = measure_cost(

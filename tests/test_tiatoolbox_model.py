@@ -21,12 +21,12 @@ pytest.importorskip("tiatoolbox")
 
 from tiatoolbox.wsicore.wsireader import VirtualWSIReader, WSIReader  # noqa: E402
 
+from ats_wsi.checkpoint import save_checkpoint  # noqa: E402
 from ats_wsi.model import ATSModel  # noqa: E402
 from ats_wsi.slides.cohort import DemoCohortConfig, make_demo_cohort  # noqa: E402
 from ats_wsi.slides.inference import PredictOptions, predict_record  # noqa: E402
 from ats_wsi.slides.trainer import default_config  # noqa: E402
 from ats_wsi.tiatoolbox_model import ATSEngine, ATSTiatoolboxModel  # noqa: E402
-from ats_wsi.training import save_checkpoint  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SLIDES = ROOT.parent / "shared" / "data" / "slides"

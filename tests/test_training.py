@@ -10,22 +10,21 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from ats_wsi import training
+from ats_wsi import checkpoint
+from ats_wsi.benchmarking import PeakMemory
+from ats_wsi.checkpoint import load_checkpoint, read_jsonl, save_checkpoint, truncate_jsonl
 from ats_wsi.training import (
-    PeakMemory,
+    NonFiniteLossError,
     StepOutput,
     class_balanced_weights,
     compute_loss,
     evaluate,
     fit,
-    load_checkpoint,
+    loader_steps,
     param_groups,
     pick_device,
-    read_jsonl,
     recalibrate_batchnorm,
-    save_checkpoint,
     summarise_history,
-    truncate_jsonl,
 )
 
 
@@ -57,16 +56,20 @@ def _fit(out: Path, epochs: int, resume: bool = False, **kw):
     hist = fit(
         model,
         opt,
-        loader,
+        **loader_steps(
+            model,
+            opt,
+            loader,
+            DataLoader(_data(16), batch_size=8),
+            forward=_forward,
+            progress=False,
+        ),
         epochs=epochs,
         out_dir=out,
-        forward=_forward,
-        eval_loader=DataLoader(_data(16), batch_size=8),
         scheduler=sched,
         generators={"shuffle": shuffle},
         config={"lr": 0.05, "nested": {"a": [1, 2]}},
         resume_run=resume,
-        progress=False,
         **kw,
     )
     return model, hist
@@ -118,7 +121,7 @@ def test_checkpoint_is_atomic_and_weights_only(tmp_path: Path, monkeypatch) -> N
     def boom(*a, **k):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(training.torch, "save", boom)
+    monkeypatch.setattr(checkpoint.torch, "save", boom)
     with pytest.raises(RuntimeError, match="disk full"):
         save_checkpoint(path, model=model, epoch=4)
     assert path.read_bytes() == before  # the old checkpoint survived the failed write
@@ -134,7 +137,7 @@ def test_resume_continues_without_duplicate_log_lines(tmp_path: Path) -> None:
     _fit(out, epochs=3)
     # A run that died after logging epoch 4 but before checkpointing it: the resumed run must
     # drop that line and redo epoch 4.
-    training.append_jsonl(out / "ats_metrics.jsonl", {"epoch": 4, "train_loss": -1.0})
+    checkpoint.append_jsonl(out / "ats_metrics.jsonl", {"epoch": 4, "train_loss": -1.0})
     model, hist = _fit(out, epochs=5, resume=True)
     assert [r["epoch"] for r in hist] == [1, 2, 3, 4, 5]
     assert [r["epoch"] for r in read_jsonl(out / "ats_metrics.jsonl")] == [1, 2, 3, 4, 5]
@@ -162,7 +165,7 @@ def test_time_budget_stops_after_a_checkpointed_epoch(tmp_path: Path) -> None:
 def test_truncate_jsonl_and_torn_last_line(tmp_path: Path) -> None:
     p = tmp_path / "m.jsonl"
     for e in (1, 2, 3):
-        training.append_jsonl(p, {"epoch": e})
+        checkpoint.append_jsonl(p, {"epoch": e})
     with open(p, "a") as fh:
         fh.write('{"epoch": 4, "tr')  # interrupted write
     assert [r["epoch"] for r in read_jsonl(p)] == [1, 2, 3]
@@ -260,17 +263,16 @@ def test_fit_bn_loader_changes_evaluation_not_training(tmp_path: Path) -> None:
         loader = DataLoader(
             _data(), batch_size=8, shuffle=True, generator=torch.Generator().manual_seed(1)
         )
-        hist = fit(
+        steps = loader_steps(
             model,
             opt,
             loader,
-            epochs=3,
-            out_dir=out,
+            DataLoader(_data(16), batch_size=8),
             forward=_forward,
-            eval_loader=DataLoader(_data(16), batch_size=8),
             bn_loader=bn_loader,
             progress=False,
         )
+        hist = fit(model, opt, **steps, epochs=3, out_dir=out)
         return model, hist
 
     calib = list(DataLoader(_data(16), batch_size=8))
@@ -286,3 +288,25 @@ def test_fit_bn_loader_changes_evaluation_not_training(tmp_path: Path) -> None:
     saved = load_checkpoint(tmp_path / "calib" / "ats_checkpoint.pt")["model"]
     torch.testing.assert_close(saved["bn.running_mean"], want.bn.running_mean, rtol=0, atol=0)
     assert not torch.equal(saved["bn.running_mean"], plain_model.bn.running_mean)
+
+
+def test_nan_loss_stops_training_naming_epoch_and_step(tmp_path: Path) -> None:
+    model, opt, _, _, loader = _setup()
+
+    def poisoned(model: nn.Module, batch, device) -> StepOutput:
+        step = _forward(model, batch, device)
+        poisoned.calls += 1
+        if poisoned.calls == 6:  # epoch 2, step 2 of 4
+            step.logits = step.logits * float("nan")
+        return step
+
+    poisoned.calls = 0
+    steps = loader_steps(model, opt, loader, forward=poisoned, epochs=3, progress=False)
+    with pytest.raises(NonFiniteLossError, match=r"ats epoch 2/3, step 2: loss is nan"):
+        fit(model, opt, **steps, epochs=3, out_dir=tmp_path)
+    # The bad step's backward never ran, so the weights stay finite; the checkpoint on disk is
+    # epoch 1's.
+    saved = load_checkpoint(tmp_path / "ats_checkpoint.pt")
+    assert saved["epoch"] == 1
+    assert all(torch.isfinite(v).all() for v in model.state_dict().values())
+    assert all(torch.isfinite(v).all() for v in saved["model"].values())

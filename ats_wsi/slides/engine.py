@@ -27,6 +27,7 @@ from ats_wsi.io import LowResItem, LowResLoader, Prefetcher, SlidePatchSource, m
 from ats_wsi.io.readers import open_slide
 from ats_wsi.model import ATSModel, ATSOutput
 from ats_wsi.nets import ConvStack
+from ats_wsi.training import check_finite
 
 __all__ = [
     "LowResBaseline",
@@ -341,6 +342,7 @@ def run_slides(
     seed: int = 0,
     epoch: int = 0,
     progress: Callable[[Iterable[Any]], Iterable[Any]] | None = None,
+    where: str = "training",
 ) -> tuple[list[int], np.ndarray, list[float], list[str]]:
     """Train (``optimizer`` given) or evaluate ``model`` over ``records``, one slide at a time.
 
@@ -349,6 +351,9 @@ def run_slides(
     all-reduce happens only on the step's last slide. The loss of a slide is its class weight
     times its cross-entropy (a per-sample weight: ``F.cross_entropy(weight=...)`` would divide it
     out again for a one-slide batch) plus ``entropy_lambda`` times the entropy regulariser.
+
+    A NaN or infinite training loss raises :class:`~ats_wsi.training.NonFiniteLossError`
+    naming ``where``, the optimiser step and the slide, before its backward pass.
 
     Returns (targets, probabilities (n, C), losses, slide ids) of the slides seen, in order.
     """
@@ -398,6 +403,7 @@ def run_slides(
             if entropy_lambda and att is not None:
                 loss = loss + entropy_lambda * entropy_regulariser(att.float())
             if train:
+                check_finite(loss, f"{where}, step {k // accumulate + 1}, slide {rec.slide_id}")
                 scaled = loss / accumulate
                 (scaler.scale(scaled) if scaler is not None else scaled).backward()
         if train and last_of_step:

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from ats_wsi.checkpoint import load_checkpoint
 from ats_wsi.model import ATSModel
 from ats_wsi.slides.engine import SlideSettings, predict_slide
 from ats_wsi.slides.export import (
@@ -28,7 +29,6 @@ from ats_wsi.slides.export import (
     save_heatmap,
     summarise_predictions,
 )
-from ats_wsi.training import load_checkpoint
 
 __all__ = ["PredictOptions", "Predictor", "get_predictor", "predict_many", "predict_record"]
 

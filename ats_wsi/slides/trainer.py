@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ats_wsi.checkpoint import library_versions
 from ats_wsi.config import load_yaml_config, validate
 from ats_wsi.model import ATSModel
 from ats_wsi.slides.cohort import DEMO_CLASSES, DemoCohortConfig, make_demo_cohort
@@ -35,14 +36,11 @@ from ats_wsi.slides.engine import (
 )
 from ats_wsi.slides.manifest import ManifestError, make_splits, read_manifest
 from ats_wsi.training import (
-    append_jsonl,
     class_balanced_weights,
-    library_versions,
+    dist_info,
+    fit,
     param_groups,
     pick_device,
-    read_jsonl,
-    resume,
-    save_checkpoint,
     seed_everything,
 )
 
@@ -132,19 +130,13 @@ def load_config(path: str | os.PathLike[str] | None) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- distributed
 
 
-def _dist_info() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def init_distributed(device: torch.device) -> tuple[int, int]:
     """Join the process group torchrun describes (``WORLD_SIZE`` > 1); returns (rank, world)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend)
-    return _dist_info()
+    return dist_info()
 
 
 def shard(
@@ -185,14 +177,6 @@ def _epoch_metrics(parts: list[Any], prefix: str) -> dict[str, Any]:
     return classification_metrics(list(ys), np.stack(ps), list(ls), prefix)
 
 
-def _better(metric: str, new: float | None, best: float | None) -> bool:
-    if new is None:
-        return False
-    if best is None:
-        return True
-    return new < best if metric.endswith("loss") else new > best
-
-
 def fit_slides(
     name: str,
     model: nn.Module,
@@ -210,24 +194,11 @@ def fit_slides(
     resume_run: bool,
     extra: dict[str, Any],
 ) -> list[dict[str, Any]]:
-    """Train one model with per-epoch metrics (JSON lines), best + last checkpoints, resume."""
+    """Train one model through :func:`ats_wsi.training.fit` with slide epoch steps: each rank
+    runs its shard of the slides, metrics are gathered over ranks; ``{name}_last.pt`` and
+    ``{name}_best.pt`` (by ``train.select_metric``)."""
     tcfg = cfg["train"]
-    rank, world = _dist_info()
-    core = model.module if hasattr(model, "module") else model
-    log_path = out / f"{name}_metrics.jsonl"
-    last, best_path = out / f"{name}_last.pt", out / f"{name}_best.pt"
-    start, best = 1, None
-    if resume_run and last.exists():
-        state = resume(
-            last,
-            model=core,
-            optimizer=optimizer,
-            log_path=log_path if rank == 0 else None,
-            map_location=device,
-        )
-        start, best = state.start_epoch, state.extra.get("best")
-    elif rank == 0 and log_path.exists():
-        log_path.unlink()
+    rank, world = dist_info()
     weights = None
     if tcfg["class_balanced"]:
         weights = class_balanced_weights([r.y for r in train_recs], len(extra["classes"]))
@@ -235,10 +206,8 @@ def fit_slides(
     scaler = None
     if use_amp and not torch.cuda.is_bf16_supported():
         scaler = torch.amp.GradScaler("cuda")
-    metric = tcfg["select_metric"]
-    t_start = time.perf_counter()
-    for epoch in range(start, epochs + 1):
-        t0 = time.perf_counter()
+
+    def train_step(epoch: int) -> dict[str, Any]:
         idx = shard(len(train_recs), rank, world, cfg["seed"], epoch, shuffle=True, pad=True)
         part = run_slides(
             model,
@@ -256,47 +225,43 @@ def fit_slides(
             scaler=scaler,
             seed=cfg["seed"],
             epoch=epoch,
+            where=f"{name} epoch {epoch}",
         )
-        record: dict[str, Any] = {"epoch": epoch, "model": name, "world_size": world}
-        record.update(_epoch_metrics(_gather(part, world), "train_"))
-        record["train_time_s"] = time.perf_counter() - t0
-        if val_recs and (epoch % tcfg["eval_every"] == 0 or epoch == epochs):
-            vidx = shard(len(val_recs), rank, world, cfg["seed"], 0, shuffle=False, pad=False)
-            vpart = run_slides(
-                model,
-                [val_recs[i] for i in vidx],
-                views,
-                settings,
-                kind=kind,
-                device=device,
-                amp=use_amp,
-                sampler=tcfg["eval_sampler"],
-                seed=cfg["seed"],
-            )
-            record.update(_epoch_metrics(_gather(vpart, world), "val_"))
-        record["epoch_time_s"] = time.perf_counter() - t0
-        out_of_time = (
-            tcfg["time_budget_s"] is not None
-            and time.perf_counter() - t_start > tcfg["time_budget_s"]
+        return _epoch_metrics(_gather(part, world), "train_")
+
+    def eval_step(epoch: int) -> dict[str, Any]:
+        vidx = shard(len(val_recs), rank, world, cfg["seed"], 0, shuffle=False, pad=False)
+        vpart = run_slides(
+            model,
+            [val_recs[i] for i in vidx],
+            views,
+            settings,
+            kind=kind,
+            device=device,
+            amp=use_amp,
+            sampler=tcfg["eval_sampler"],
+            seed=cfg["seed"],
         )
-        if rank == 0:
-            improved = _better(metric, record.get(metric), best)
-            if improved:
-                best = record[metric]
-            info = {**extra, "best": best, "select_metric": metric}
-            save_checkpoint(
-                last, model=core, optimizer=optimizer, epoch=epoch, config=cfg, extra=info
-            )
-            if improved or not best_path.exists():
-                save_checkpoint(best_path, model=core, epoch=epoch, config=cfg, extra=info)
-            record["best"] = best
-            append_jsonl(log_path, record)
-            _log(cfg, f"[{name}] epoch {epoch}/{epochs} " + _fmt(record))
-        if world > 1:
-            dist.barrier()
-        if out_of_time and epoch < epochs:
-            break
-    return read_jsonl(log_path) if rank == 0 else []
+        return _epoch_metrics(_gather(vpart, world), "val_")
+
+    return fit(
+        model,
+        optimizer,
+        train_step,
+        epochs=epochs,
+        out_dir=out,
+        name=name,
+        eval_step=eval_step if val_recs else None,
+        eval_every=tcfg["eval_every"],
+        device=device,
+        config=cfg,
+        extra=extra,
+        checkpoint_name="{name}_last.pt",
+        select_metric=tcfg["select_metric"],
+        resume_run=resume_run,
+        time_budget_s=tcfg["time_budget_s"],
+        on_epoch_end=lambda epoch, r: _log(cfg, f"[{name}] epoch {epoch}/{epochs} " + _fmt(r)),
+    )
 
 
 def _fmt(record: dict[str, Any]) -> str:
@@ -457,8 +422,8 @@ def _evaluate_test(
     device: torch.device,
 ) -> dict[str, Any]:
     """Best ATS checkpoint through the prediction pipeline; baseline on the same slides."""
+    from ats_wsi.checkpoint import load_checkpoint
     from ats_wsi.slides.inference import PredictOptions, predict_many, records_from_frame
-    from ats_wsi.training import load_checkpoint
 
     pcfg = cfg["predict"]
     options = PredictOptions(
