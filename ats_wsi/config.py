@@ -110,14 +110,16 @@ def check_resume_config(
     """Refuse to resume a run whose configuration changed.
 
     ``resumable`` lists the key paths (whole sections included) that may differ between a
-    run and its resume; any other difference raises :class:`ConfigError`.
+    run and its resume; any other difference raises :class:`ConfigError`. Keys are compared
+    in a fixed order (``old``'s, then the keys only ``new`` has, in ``new``'s order), so the
+    difference reported first does not depend on the hash seed.
     """
 
     def walk(a: Any, b: Any, path: tuple[str, ...]) -> None:
         if path in resumable:
             return
         if isinstance(a, Mapping) and isinstance(b, Mapping):
-            for k in set(a) | set(b):
+            for k in [*a, *(k for k in b if k not in a)]:
                 walk(a.get(k), b.get(k), (*path, k))
         elif a != b:
             raise ConfigError(
