@@ -49,7 +49,8 @@ class ATSOutput:
         probs: (B, K) the same distribution, flat and row-major.
         indices: (B, N) sampled cells in draw order.
         locations: (B, N, 2) top-left (y, x) of each patch in the source's pixel units.
-        patches: (B, N, C, p, p) what the feature net saw.
+        patches: (B, N, C, p, p) the patches as the source returned them (before the
+            model's input normalisation).
         features: (B, N, D) L2-normalised patch features.
     """
 
@@ -60,6 +61,13 @@ class ATSOutput:
     locations: Tensor
     patches: Tensor
     features: Tensor
+
+
+def _channel_tensor(value: float | list[float] | None) -> Tensor:
+    """Scalar or per-channel statistics as a tensor broadcasting over (..., C, H, W)."""
+    if value is None:
+        return torch.zeros(())
+    return torch.as_tensor(value, dtype=torch.float32).reshape(-1, 1, 1).squeeze(0)
 
 
 class ATSModel(nn.Module):
@@ -80,6 +88,13 @@ class ATSModel(nn.Module):
             estimators' control variate (see :mod:`ats_wsi.estimators`); ``None`` disables it.
             The running mean is updated after the current estimate, so it never depends on the
             current draws and the gradients stay exactly unbiased.
+        in_channels: image channels the nets take (the first ``in_channels`` of a view are used
+            by front ends that read RGB slides).
+        input_mean, input_std: per-channel (or scalar) normalisation ``(x - mean) / std`` applied
+            inside the model to the low-res view and to the patches, so callers hand it images
+            in [0, 1]; None: no normalisation. A feature net with ``normalizes_input = True``
+            (pretrained encoders, :mod:`ats_wsi.encoders`) gets the raw patches and normalises
+            them itself. Stored in the config, not the state dict.
     """
 
     def __init__(
@@ -92,6 +107,9 @@ class ATSModel(nn.Module):
         sampler: str = "without_replacement",
         smoothing: float = 0.0,
         baseline_momentum: float | None = 0.9,
+        in_channels: int | None = None,
+        input_mean: float | list[float] | None = None,
+        input_std: float | list[float] | None = None,
     ) -> None:
         super().__init__()
         for attr, net in (("receptive_field", attention_net), ("out_dim", feature_net)):
@@ -111,6 +129,16 @@ class ATSModel(nn.Module):
         self.smoothing = float(smoothing)
         self.baseline_momentum = baseline_momentum
         self.register_buffer("feature_mean", torch.zeros(int(feature_net.out_dim)))
+        self.in_channels = in_channels
+        if (input_mean is None) != (input_std is None):
+            raise ValueError("give both input_mean and input_std, or neither")
+        self.normalize = input_mean is not None
+        # Non-persistent: the normalisation is configuration, and checkpoints stay loadable.
+        self.register_buffer("input_mean", _channel_tensor(input_mean), persistent=False)
+        self.register_buffer("input_std", _channel_tensor(input_std), persistent=False)
+        self.patch_normalize = self.normalize and not getattr(
+            feature_net, "normalizes_input", False
+        )
 
     @classmethod
     def from_config(cls, cfg: dict[str, Any]) -> ATSModel:
@@ -158,8 +186,9 @@ class ATSModel(nn.Module):
         n = self.n_patches if n_patches is None else int(n_patches)
         batch = x_low.shape[0]
 
+        view = (x_low - self.input_mean) / self.input_std if self.normalize else x_low
         logits, probs, indices = attend(
-            self.attention_net, x_low, mask, self.smoothing, n, mode, generator
+            self.attention_net, view, mask, self.smoothing, n, mode, generator
         )
         n = indices.shape[1]
 
@@ -175,7 +204,8 @@ class ATSModel(nn.Module):
         if patches.shape[:2] != (batch, n):
             raise ValueError(f"source returned {tuple(patches.shape)} for {batch} x {n} boxes")
         patches = patches.to(device=x_low.device)
-        features = self.feature_net(patches.reshape(batch * n, *patches.shape[2:]))
+        seen = (patches - self.input_mean) / self.input_std if self.patch_normalize else patches
+        features = self.feature_net(seen.reshape(batch * n, *patches.shape[2:]))
         features = features.view(batch, n, -1)
         baseline = None if self.baseline_momentum is None else self.feature_mean.clone()
         estimate = expectation(probs, features, indices, mode, baseline)

@@ -16,9 +16,7 @@ Import this module explicitly (``import ats_wsi`` does not): it imports tiatoolb
 
 from __future__ import annotations
 
-import itertools
 import os
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import replace
@@ -33,17 +31,14 @@ from tiatoolbox.wsicore.wsireader import WSIReader
 from torch import Tensor
 
 from ats_wsi.checkpoint import load_checkpoint
-from ats_wsi.io.readers import BACKENDS, register_backend
 from ats_wsi.io.tiatoolbox_reader import TiatoolboxReader
 from ats_wsi.io.tissue import load_mask
 from ats_wsi.model import ATSModel, ATSOutput
-from ats_wsi.slides.engine import _MEAN, _STD, SlideSettings, predict_slide
-from ats_wsi.slides.export import PredictionsCSV, prediction_columns, save_attention_zarr
-from ats_wsi.slides.inference import Predictor
+from ats_wsi.slides.engine import SlideResult, SlideSettings, predict_slide
+from ats_wsi.slides.export import PredictionsCSV, prediction_columns
+from ats_wsi.slides.inference import PredictOptions, Predictor, write_prediction
 
 __all__ = ["ATSEngine", "ATSTiatoolboxModel"]
-
-_BACKEND_IDS = itertools.count()
 
 
 class ATSTiatoolboxModel(ModelABC):
@@ -110,7 +105,8 @@ class ATSTiatoolboxModel(ModelABC):
         if not isinstance(batch_data, Tensor):
             batch_data = torch.from_numpy(np.array(batch_data))  # a writable copy
         x = batch_data.to(device).permute(0, 3, 1, 2).float() / 255
-        x = (x[:, :3] - _MEAN) / _STD
+        # The model normalises its inputs itself; it takes [0, 1] images of its channels.
+        x = x[:, : core.model.in_channels or x.shape[1]]
         f = s.patch_mpp / s.attention_mpp
         size = (max(1, round(x.shape[-2] * f)), max(1, round(x.shape[-1] * f)))
         x_low = F.interpolate(x, size=size, mode="area")
@@ -200,7 +196,7 @@ class ATSEngine:
             masks: one per image, or None: tissue masks at any resolution covering the whole
                 slide (array, image / ``.npy`` / zarr path, or a ``VirtualWSIReader``); they
                 replace the automatic tissue mask. None in the list: automatic mask.
-            save_dir: where ``output_type="zarr"`` writes ``<slide_id>.zarr`` and
+            save_dir: where ``output_type="zarr"`` writes ``zarr/<slide_id>.zarr`` and
                 ``predictions.csv``.
             output_type: ``"dict"`` (results in memory) or ``"zarr"``.
             sampler, n_patches: as for ``predict_slides`` (None: the checkpoint's count).
@@ -237,31 +233,30 @@ class ATSEngine:
                     raise FileExistsError(f"{csv_path} exists; pass overwrite=True")
                 csv_path.unlink()
             table = PredictionsCSV(csv_path, prediction_columns(self.model.classes))
+        options = PredictOptions(
+            sampler=sampler,
+            n_patches=n_patches,
+            seed=self.seed,
+            heatmaps=False,
+            gallery=False,
+            zarr=True,
+            geojson=False,
+            device=self.device,
+        )
+        pred = Predictor(self.model.model, self.model.settings, self.model.classes, {})
         results: dict[str, Any] = {}
         for i, (image, slide_id) in enumerate(zip(images, ids, strict=True)):
             mask = None if masks is None else masks[i]
             t0 = time.perf_counter()
             res = self._predict(image, mask, slide_id, sampler, n_patches, mpp)
-            result = self._result(res)
             if out is None:
-                results[slide_id] = result
+                results[slide_id] = self._result(res)
                 continue
-            results[slide_id] = self._save(out, slide_id, res, result)
-            s = self.model.settings
-            table.write(
-                {
-                    "slide_id": slide_id,
-                    "Y": -1,
-                    "Y_hat": result["predictions"],
-                    "pred_label": result["pred_label"],
-                    "n_patches": len(res.locations_xy),
-                    "sampler": sampler,
-                    "attention_mpp": s.attention_mpp,
-                    "patch_mpp": s.patch_mpp,
-                    "runtime_s": round(time.perf_counter() - t0, 4),
-                    **{f"p_{k}": float(p) for k, p in enumerate(res.probs)},
-                }
-            )
+            row = {"slide_id": slide_id, "Y": -1, "sampler": sampler}
+            row = write_prediction(out, res, pred, options, row)
+            row["runtime_s"] = round(time.perf_counter() - t0, 4)
+            table.write(row)
+            results[slide_id] = out / "zarr" / f"{slide_id}.zarr"
         return results
 
     def _predict(
@@ -272,42 +267,21 @@ class ATSEngine:
         sampler: str,
         n_patches: int | None,
         mpp: float | None,
-    ) -> Any:
-        """One slide through :func:`predict_slide`, read by a :class:`TiatoolboxReader`.
-
-        ``predict_slide`` opens slides by path through the backend registry; a temporary
-        backend hands it the tiatoolbox reader (or opens the path with tiatoolbox) instead.
-        """
-        if isinstance(image, WSIReader):
-            src = image.input_path
-            token = Path(src) if src is not None and Path(src).exists() else None
-        else:
-            token = Path(image)
-        token = token if token is not None else Path(tempfile.gettempdir())
-
-        def factory(_path: Any, mpp: Any = None, objective_power: Any = None) -> Any:
-            return TiatoolboxReader(image, mpp=mpp, objective_power=objective_power)
-
-        name = f"_ats_tiatoolbox_engine_{next(_BACKEND_IDS)}"
+    ) -> SlideResult:
+        """One slide through :func:`predict_slide`, read by a :class:`TiatoolboxReader`."""
         settings = self.model.settings
-        settings = replace(
-            settings, backend=name, slide_mpp=mpp if mpp is not None else settings.slide_mpp
-        )
         user_mask = _mask_array(mask) if mask is not None else None
         if user_mask is not None and settings.min_tissue <= 0:
             settings = replace(settings, min_tissue=1e-9)  # any tissue in a cell counts
-        register_backend(name, factory)
-        try:
-            loader = settings.loader()
-            if user_mask is not None:
-                loader = replace(loader, tissue=False)
-            item = loader(token)
+        level0_mpp = mpp if mpp is not None else settings.slide_mpp
+        with TiatoolboxReader(image, mpp=level0_mpp) as reader:
+            item = replace(settings.loader(), tissue=user_mask is None).read(reader, slide_id)
             if user_mask is not None:
                 shape = item.image.shape[:2]
                 item = replace(item, mask=load_mask(user_mask, shape, slide=slide_id))
             return predict_slide(
                 self.model.model,
-                str(token),
+                reader,
                 settings,
                 device=self.device,
                 sampler=sampler,
@@ -316,8 +290,6 @@ class ATSEngine:
                 slide_id=slide_id,
                 item=item,
             )
-        finally:
-            BACKENDS.pop(name, None)
 
     def _result(self, res: Any) -> dict[str, Any]:
         y_hat = int(res.probs.argmax())
@@ -335,27 +307,3 @@ class ATSEngine:
             "dimensions": tuple(res.dimensions),
             "mpp": tuple(res.mpp),
         }
-
-    def _save(self, out: Path, slide_id: str, res: Any, result: dict[str, Any]) -> Path:
-        import zarr
-
-        s = self.model.settings
-        path = save_attention_zarr(
-            out / f"{slide_id}.zarr",
-            res.attention,
-            res.locations_xy,
-            res.scores,
-            patch_size=res.patch_size_level0,
-            attrs={
-                "slide_id": slide_id,
-                "attention_mpp": s.attention_mpp,
-                "patch_mpp": s.patch_mpp,
-                "level0_mpp": list(res.mpp),
-                "dimensions_wh": list(res.dimensions),
-                "classes": list(self.model.classes),
-                "predictions": result["predictions"],
-            },
-        )
-        group = zarr.open_group(path, mode="a")
-        group.create_array("probabilities", data=np.asarray(res.probs, dtype=np.float32))
-        return path

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ats_wsi.io.readers import Closing, open_slide
+from ats_wsi.io.readers import Closing, SlideReader, open_slide
 
 __all__ = ["LowResItem", "LowResLoader", "Prefetcher"]
 
@@ -67,20 +67,24 @@ class LowResLoader:
     objective_power: float | None = None
 
     def __call__(self, path: str | PathLike[str]) -> LowResItem:
+        with open_slide(path, self.backend, self.slide_mpp, self.objective_power) as reader:
+            return self.read(reader, path)
+
+    def read(self, reader: SlideReader, path: str | PathLike[str] | None = None) -> LowResItem:
+        """The item of an already open ``reader`` (``path`` defaults to the reader's)."""
         from ats_wsi.io.tissue import tissue_mask
 
-        with open_slide(path, self.backend, self.slide_mpp, self.objective_power) as reader:
-            image = reader.thumbnail(self.mpp)
-            width, height = reader.dimensions
-            mask = tissue_mask(image, self.mpp, slide=reader.path) if self.tissue else None
-            return LowResItem(
-                path=str(path),
-                image=image,
-                scale=(height / image.shape[0], width / image.shape[1]),
-                mask=mask,
-                dimensions=reader.dimensions,
-                mpp=reader.mpp,
-            )
+        image = reader.thumbnail(self.mpp)
+        width, height = reader.dimensions
+        mask = tissue_mask(image, self.mpp, slide=reader.path) if self.tissue else None
+        return LowResItem(
+            path=str(path if path is not None else reader.path),
+            image=image,
+            scale=(height / image.shape[0], width / image.shape[1]),
+            mask=mask,
+            dimensions=reader.dimensions,
+            mpp=reader.mpp,
+        )
 
 
 class Prefetcher(Closing):

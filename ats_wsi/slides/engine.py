@@ -11,9 +11,11 @@ coordinates. Works under ``torch.distributed`` (DDP, gradients synchronised once
 from __future__ import annotations
 
 import contextlib
+import os
 import time
+import weakref
 import zlib
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -24,25 +26,29 @@ from torch import Tensor, nn
 
 from ats_wsi.attention import entropy_regulariser
 from ats_wsi.io import LowResItem, LowResLoader, Prefetcher, SlidePatchSource, mask_to_grid
-from ats_wsi.io.readers import open_slide
+from ats_wsi.io.readers import SlideReader, open_slide
 from ats_wsi.model import ATSModel, ATSOutput
 from ats_wsi.nets import ConvStack
 from ats_wsi.training import check_finite
 
 __all__ = [
+    "MODEL_DEFAULTS",
     "LowResBaseline",
     "SlideResult",
     "SlideSettings",
     "ViewStore",
+    "build_model",
     "classification_metrics",
+    "opened",
     "predict_slide",
     "run_slides",
+    "slide_forward",
     "slide_generator",
 ]
 
-# H&E pixels in [0, 1] are centred and scaled before both nets (fixed, not learnt, so that a
-# checkpoint carries no data-dependent statistics).
-_MEAN, _STD = 0.5, 0.25
+# H&E pixels in [0, 1] are centred and scaled inside the models (fixed, not learnt, so that a
+# checkpoint carries no data-dependent statistics): the slide config's model defaults.
+HE_MEAN, HE_STD = 0.5, 0.25
 
 
 @dataclass(frozen=True)
@@ -85,20 +91,15 @@ class SlideSettings:
         )
 
 
-class _Normalised:
-    """A :class:`~ats_wsi.patches.PatchSource` view of another source, normalised like x_low."""
-
-    def __init__(self, source: SlidePatchSource) -> None:
-        self.source = source
-        self.shape = source.shape
-        self.patch_size = source.patch_size
-
-    def extract(self, top_left: Tensor) -> Tensor:
-        return (self.source.extract(top_left) - _MEAN) / _STD
+# What a slide model's config gets when it does not say (checkpoints older than these keys).
+MODEL_DEFAULTS: dict[str, Any] = {"in_channels": 3, "input_mean": HE_MEAN, "input_std": HE_STD}
 
 
-def _normalise(x: Tensor) -> Tensor:
-    return (x - _MEAN) / _STD
+def build_model(model_cfg: Mapping[str, Any], num_classes: int, patch_size: int) -> ATSModel:
+    """The slide :class:`ATSModel` from a config's ``model`` section: the one recipe the
+    trainer and every checkpoint loader use."""
+    cfg = {**MODEL_DEFAULTS, **model_cfg, "num_classes": num_classes, "patch_size": patch_size}
+    return ATSModel.from_config(cfg)
 
 
 def slide_generator(
@@ -109,17 +110,21 @@ def slide_generator(
     return torch.Generator(device=device).manual_seed(key)
 
 
-_GRID_CACHE: dict[tuple[int, int, int], tuple[int, int]] = {}
+# Keyed by the net object itself (weakly): an id() key could be reused by another net.
+_GRIDS: weakref.WeakKeyDictionary[nn.Module, dict[tuple[int, int], tuple[int, int]]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
-def attention_grid(net: nn.Module, low_hw: tuple[int, int], device: Any) -> tuple[int, int]:
-    """(a_h, a_w) of ``net``'s map for a view of ``low_hw`` (probed once per size)."""
-    key = (id(net), int(low_hw[0]), int(low_hw[1]))
-    if key not in _GRID_CACHE:
+def attention_grid(net: nn.Module, low_shape: tuple[int, int, int], device: Any) -> tuple[int, int]:
+    """(a_h, a_w) of ``net``'s map for a (C, h, w) view (probed once per net and size)."""
+    sizes = _GRIDS.setdefault(net, {})
+    c, h, w = (int(v) for v in low_shape)
+    if (h, w) not in sizes:
         with torch.no_grad():
-            probe = net(torch.zeros(1, 3, *low_hw, device=device))
-        _GRID_CACHE[key] = (int(probe.shape[-2]), int(probe.shape[-1]))
-    return _GRID_CACHE[key]
+            probe = net(torch.zeros(1, c, h, w, device=device))
+        sizes[(h, w)] = (int(probe.shape[-2]), int(probe.shape[-1]))
+    return sizes[(h, w)]
 
 
 def tissue_grid(
@@ -148,11 +153,13 @@ class LowResBaseline(nn.Module):
 
     def __init__(self, in_channels: int = 3, width: int = 16, num_classes: int = 2) -> None:
         super().__init__()
+        self.in_channels = in_channels
         self.trunk = ConvStack([in_channels, width, width, width], 3, "same", final_relu=True)
         self.head = nn.Linear(2 * width, num_classes)
 
     def forward(self, x_low: Tensor, mask: Tensor | None = None) -> Tensor:
-        h = self.trunk(x_low)
+        """``x_low`` (B, C, h, w) in [0, 1]; ``mask`` (B, h, w) bool tissue or None."""
+        h = self.trunk((x_low - HE_MEAN) / HE_STD)
         if mask is None:
             mask = torch.ones(h.shape[0], *h.shape[-2:], dtype=torch.bool, device=h.device)
         m = mask[:, None].to(h.dtype)
@@ -236,42 +243,70 @@ def _core(model: nn.Module) -> nn.Module:
     return model.module if hasattr(model, "module") else model
 
 
-def ats_slide_forward(
+SlideInput = str | os.PathLike[str] | SlideReader | Callable[[], SlideReader]
+
+
+def opened(slide: SlideInput, settings: SlideSettings) -> contextlib.AbstractContextManager[Any]:
+    """A context giving a reader for ``slide``: a path is opened with the settings' backend
+    and mpp override (and closed after), a callable is called to open one (closed after), an
+    open reader is used as it is (its owner closes it)."""
+    if isinstance(slide, (str, os.PathLike)):
+        return open_slide(slide, settings.backend, settings.slide_mpp)
+    if callable(slide):
+        return slide()
+    return contextlib.nullcontext(slide)
+
+
+def _view(item: LowResItem, model: nn.Module) -> Tensor:
+    """The item's view in [0, 1] with the channels the model takes."""
+    x = item.view()
+    channels = getattr(model, "in_channels", None)
+    return x if channels is None else x[:, :channels]
+
+
+def slide_forward(
     model: nn.Module,
     item: LowResItem,
+    slide: SlideInput,
     settings: SlideSettings,
     device: torch.device,
     *,
     n_patches: int | None = None,
     sampler: str | None = None,
     generator: torch.Generator | None = None,
-) -> ATSOutput:
-    """One slide through an (optionally DDP-wrapped) :class:`ATSModel`."""
+) -> tuple[ATSOutput, Tensor | None]:
+    """The one slide forward: an (optionally DDP-wrapped) :class:`ATSModel` on ``item``'s view,
+    restricted to its tissue cells, patches read from ``slide`` at ``settings.patch_mpp``.
+
+    Returns the model's output and the (1, a_h, a_w) tissue mask of the attention grid (None
+    without a tissue mask). Train, predict, the tiatoolbox engine and the benchmarks use it.
+    """
     core = _core(model)
-    x_low = _normalise(item.view()).to(device)
-    grid = attention_grid(core.attention_net, tuple(x_low.shape[-2:]), device)
+    x_low = _view(item, core).to(device)
+    grid = attention_grid(core.attention_net, tuple(x_low.shape[1:]), device)
     mask = tissue_grid(item, grid, settings, core.receptive_field)
     with (
-        open_slide(item.path, settings.backend, settings.slide_mpp) as reader,
+        opened(slide, settings) as reader,
         SlidePatchSource(
             reader, settings.patch_size, settings.patch_mpp, settings.read_workers
         ) as source,
     ):
-        return model(
+        out = model(
             x_low,
-            _Normalised(source),
+            source,
             None if mask is None else mask.to(device),
             n_patches=n_patches,
             sampler=sampler,
             generator=generator,
         )
+    return out, mask
 
 
 def baseline_slide_forward(
     model: nn.Module, item: LowResItem, settings: SlideSettings, device: torch.device
 ) -> Tensor:
     """One slide through the low-res-only baseline; returns logits (1, C)."""
-    x_low = _normalise(item.view()).to(device)
+    x_low = _view(item, _core(model)).to(device)
     mask = None
     if item.mask is not None and settings.min_tissue > 0:
         mask = torch.from_numpy(item.mask)[None].to(device)
@@ -385,9 +420,10 @@ def run_slides(
             with _autocast(device, amp):
                 if kind == "ats":
                     gen = slide_generator(seed, rec.slide_id, epoch, device)
-                    out = ats_slide_forward(
+                    out, _ = slide_forward(
                         model,
                         item,
+                        item.path,
                         settings,
                         device,
                         n_patches=n_patches,
@@ -459,7 +495,7 @@ class SlideResult:
 @torch.no_grad()
 def predict_slide(
     model: ATSModel,
-    path: str,
+    slide: SlideInput,
     settings: SlideSettings,
     *,
     device: torch.device | str = "cpu",
@@ -469,25 +505,38 @@ def predict_slide(
     slide_id: str = "",
     item: LowResItem | None = None,
 ) -> SlideResult:
-    """Run one slide (raises the slide's I/O errors; callers turn them into error rows)."""
+    """Run one slide (a path, an open reader or a callable opening one), opened once.
+
+    ``item`` is the slide's low-res view and tissue mask when already loaded (prefetched, or
+    with a user mask); otherwise it is read from the same reader. Raises the slide's I/O
+    errors; callers turn them into error rows.
+    """
     device = torch.device(device)
     t0 = time.perf_counter()
     model.eval()
-    item = item if item is not None else settings.loader()(path)
-    gen = slide_generator(seed, slide_id or path, 0, device)
-    out = ats_slide_forward(
-        model, item, settings, device, n_patches=n_patches, sampler=sampler, generator=gen
-    )
+    with opened(slide, settings) as reader:
+        if item is None:
+            path = slide if isinstance(slide, (str, os.PathLike)) else None
+            item = settings.loader().read(reader, path)
+        gen = slide_generator(seed, slide_id or item.path, 0, device)
+        out, mask = slide_forward(
+            model,
+            item,
+            reader,
+            settings,
+            device,
+            n_patches=n_patches,
+            sampler=sampler,
+            generator=gen,
+        )
     locations = out.locations[0].cpu().numpy()
-    grid = tuple(out.attention.shape[-2:])
-    mask = tissue_grid(item, grid, settings, model.receptive_field)
     return SlideResult(
         probs=torch.softmax(out.logits.float(), 1)[0].cpu().numpy(),
         attention=out.attention[0].float().cpu().numpy(),
         mask=None if mask is None else mask[0].numpy(),
         locations_xy=locations[:, ::-1].copy(),
         scores=out.probs[0, out.indices[0]].float().cpu().numpy(),
-        patches=out.patches[0].float().mul(_STD).add(_MEAN).clamp(0, 1).cpu().numpy(),
+        patches=out.patches[0].float().clamp(0, 1).cpu().numpy(),
         patch_size_level0=int(out.patches.shape[-1] * settings.patch_mpp / item.mpp[0] + 0.5),
         thumbnail=item.image,
         dimensions=item.dimensions,

@@ -216,18 +216,22 @@ def save_attention_zarr(
     attention: np.ndarray,
     locations_xy: np.ndarray,
     scores: np.ndarray,
+    probabilities: np.ndarray | None = None,
     *,
     patch_size: int,
     attrs: Mapping[str, Any] | None = None,
 ) -> Path:
     """A zarr v3 group: ``attention`` (a_h, a_w) float32, ``coords`` (N, 2) int64 level-0
-    top-left (x, y) of the sampled patches in draw order, ``scores`` (N,) their attention."""
+    top-left (x, y) of the sampled patches in draw order, ``scores`` (N,) their attention,
+    and the class ``probabilities`` (C,) float32 when given."""
     import zarr
 
     group = zarr.open_group(Path(path), mode="w", zarr_format=3)
     group.create_array("attention", data=np.asarray(attention, dtype=np.float32))
     group.create_array("coords", data=np.asarray(locations_xy, dtype=np.int64).reshape(-1, 2))
     group.create_array("scores", data=np.asarray(scores, dtype=np.float32).reshape(-1))
+    if probabilities is not None:
+        group.create_array("probabilities", data=np.asarray(probabilities, dtype=np.float32))
     group.attrs.update(
         {"patch_size_level0": int(patch_size), "coords_order": "x,y", **dict(attrs or {})}
     )

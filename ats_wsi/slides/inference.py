@@ -20,7 +20,7 @@ import torch
 
 from ats_wsi.checkpoint import load_checkpoint
 from ats_wsi.model import ATSModel
-from ats_wsi.slides.engine import SlideSettings, predict_slide
+from ats_wsi.slides.engine import SlideResult, SlideSettings, build_model, predict_slide
 from ats_wsi.slides.export import (
     PredictionsCSV,
     prediction_columns,
@@ -30,7 +30,14 @@ from ats_wsi.slides.export import (
     summarise_predictions,
 )
 
-__all__ = ["PredictOptions", "Predictor", "get_predictor", "predict_many", "predict_record"]
+__all__ = [
+    "PredictOptions",
+    "Predictor",
+    "get_predictor",
+    "predict_many",
+    "predict_record",
+    "write_prediction",
+]
 
 
 @dataclass(frozen=True)
@@ -69,9 +76,7 @@ class Predictor:
         cfg = ckpt["config"]
         classes = list(ckpt["extra"].get("classes") or cfg["classes"])
         settings = SlideSettings.from_dict(dict(cfg["slides"]))
-        model = ATSModel.from_config(
-            {**cfg["model"], "num_classes": len(classes), "patch_size": settings.patch_size}
-        )
+        model = build_model(cfg["model"], len(classes), settings.patch_size)
         model.load_state_dict(ckpt["model"])
         model.to(device).eval()
         return cls(model, settings, classes, cfg)
@@ -114,48 +119,61 @@ def predict_record(
         # Several workers share the machine's cores: one thread each avoids oversubscription.
         torch.set_num_threads(options.torch_threads)
     t0 = time.perf_counter()
-    slide_id = str(record["slide_id"])
-    y = int(record.get("y", -1) if record.get("y", "") != "" else -1)
-    row: dict[str, Any] = {
-        "slide_id": slide_id,
-        "case_id": record.get("case_id", ""),
-        "label": record.get("label", ""),
-        "Y": y,
-        "sampler": options.sampler,
-    }
+    row = _row_start(record, options)
     try:
         pred = get_predictor(checkpoint, options.device)
-        settings = pred.settings
-        row.update(attention_mpp=settings.attention_mpp, patch_mpp=settings.patch_mpp)
         if not record.get("path"):
-            raise FileNotFoundError(f"slide {slide_id!r} not found (no file for it)")
+            raise FileNotFoundError(f"slide {row['slide_id']!r} not found (no file for it)")
         res = predict_slide(
             pred.model,
             str(record["path"]),
-            settings,
+            pred.settings,
             device=options.device,
             sampler=options.sampler,
             n_patches=options.n_patches,
             seed=options.seed,
-            slide_id=slide_id,
+            slide_id=row["slide_id"],
         )
-        y_hat = int(res.probs.argmax())
-        row.update(
-            Y_hat=y_hat,
-            pred_label=pred.classes[y_hat],
-            n_patches=len(res.locations_xy),
-            **{f"p_{i}": float(p) for i, p in enumerate(res.probs)},
-        )
-        _write_artefacts(Path(out_dir), slide_id, res, options, pred)
+        row = write_prediction(Path(out_dir), res, pred, options, row)
     except Exception as e:  # any failure of one slide is that slide's row, not the run's end
         row["error"] = f"{type(e).__name__}: {e}".replace("\n", " ")
     row["runtime_s"] = round(time.perf_counter() - t0, 4)
     return row
 
 
-def _write_artefacts(
-    out: Path, slide_id: str, res: Any, options: PredictOptions, pred: Predictor
-) -> None:
+def _row_start(record: Mapping[str, Any], options: PredictOptions) -> dict[str, Any]:
+    y = int(record.get("y", -1) if record.get("y", "") != "" else -1)
+    return {
+        "slide_id": str(record["slide_id"]),
+        "case_id": record.get("case_id", ""),
+        "label": record.get("label", ""),
+        "Y": y,
+        "sampler": options.sampler,
+    }
+
+
+def write_prediction(
+    out: Path,
+    res: SlideResult,
+    pred: Predictor,
+    options: PredictOptions,
+    row: dict[str, Any],
+) -> dict[str, Any]:
+    """Complete a slide's CSV ``row`` from its result and write the artefacts ``options`` ask
+    for under ``out``/{heatmaps, gallery, zarr, geojson}/<slide_id>.*: what every front end
+    (``predict_slides``, the trainer's test split, :class:`~ats_wsi.tiatoolbox_model.ATSEngine`)
+    writes for a prediction."""
+    slide_id = row["slide_id"]
+    settings = pred.settings
+    y_hat = int(res.probs.argmax())
+    row.update(
+        attention_mpp=settings.attention_mpp,
+        patch_mpp=settings.patch_mpp,
+        Y_hat=y_hat,
+        pred_label=pred.classes[y_hat],
+        n_patches=len(res.locations_xy),
+        **{f"p_{i}": float(p) for i, p in enumerate(res.probs)},
+    )
     if options.heatmaps:
         save_heatmap(out / "heatmaps" / f"{slide_id}.png", res.thumbnail, res.attention, res.mask)
     if options.gallery:
@@ -170,7 +188,7 @@ def _write_artefacts(
             res.patch_size_level0,
             (res.dimensions[1], res.dimensions[0]),
             patches=res.patches,
-            title=f"{slide_id}: {pred.classes[int(p.argmax())]} (p={float(p.max()):.2f})",
+            title=f"{slide_id}: {pred.classes[y_hat]} (p={float(p.max()):.2f})",
         )
     if options.zarr:
         save_attention_zarr(
@@ -178,13 +196,16 @@ def _write_artefacts(
             res.attention,
             res.locations_xy,
             res.scores,
+            res.probs,
             patch_size=res.patch_size_level0,
             attrs={
                 "slide_id": slide_id,
-                "attention_mpp": pred.settings.attention_mpp,
-                "patch_mpp": pred.settings.patch_mpp,
+                "attention_mpp": settings.attention_mpp,
+                "patch_mpp": settings.patch_mpp,
                 "level0_mpp": list(res.mpp),
                 "dimensions_wh": list(res.dimensions),
+                "classes": list(pred.classes),
+                "predictions": y_hat,
             },
         )
     if options.geojson:
@@ -194,6 +215,7 @@ def _write_artefacts(
             res.scores,
             res.patch_size_level0,
         )
+    return row
 
 
 def predict_many(
@@ -224,7 +246,8 @@ def predict_many(
     out.mkdir(parents=True, exist_ok=True)
     checkpoint = str(Path(checkpoint).resolve())
     if classes is None:
-        classes = Predictor.load(checkpoint).classes
+        # Cached: the local path below predicts with this same loaded model.
+        classes = get_predictor(checkpoint, options.device).classes
     table = PredictionsCSV(out / csv_name, prediction_columns(classes), retry_errors)
     todo = [dict(r) for r in records if str(r["slide_id"]) not in table]
 

@@ -24,13 +24,14 @@ from torch import nn
 
 from ats_wsi.checkpoint import library_versions
 from ats_wsi.config import load_yaml_config, validate
-from ats_wsi.model import ATSModel
 from ats_wsi.slides.cohort import DEMO_CLASSES, DemoCohortConfig, make_demo_cohort
 from ats_wsi.slides.engine import (
+    MODEL_DEFAULTS,
     LowResBaseline,
     SlideRecord,
     SlideSettings,
     ViewStore,
+    build_model,
     classification_metrics,
     run_slides,
 )
@@ -76,6 +77,9 @@ SCHEMA: dict[str, Any] = {
         "n_patches": ((int,), 16),
         "sampler": ((str,), "without_replacement"),
         "smoothing": (_NUM, 1e-4),
+        "in_channels": ((int,), MODEL_DEFAULTS["in_channels"]),
+        "input_mean": ((int, float, list), MODEL_DEFAULTS["input_mean"]),
+        "input_std": ((int, float, list), MODEL_DEFAULTS["input_std"]),
     },
     "train": {
         "epochs": ((int,), 40),
@@ -340,9 +344,7 @@ def train(
     }
     try:
         seed_everything(cfg["seed"])
-        model = ATSModel.from_config(
-            {**cfg["model"], "num_classes": len(classes), "patch_size": settings.patch_size}
-        ).to(device)
+        model = build_model(cfg["model"], len(classes), settings.patch_size).to(device)
         # The head reads a mean of unit-norm features in which a lesion patch weighs ~1/N:
         # its weights must grow large, hence a larger learning rate for it alone.
         optim = torch.optim.Adam(
@@ -371,7 +373,9 @@ def train(
         bcfg = cfg["baseline"]
         if bcfg["enabled"]:
             seed_everything(cfg["seed"] + 1)
-            base = LowResBaseline(3, bcfg["width"], len(classes)).to(device)
+            base = LowResBaseline(cfg["model"]["in_channels"], bcfg["width"], len(classes)).to(
+                device
+            )
             boptim = torch.optim.Adam(base.parameters(), lr=bcfg["lr"])
             fit_slides(
                 "baseline",
@@ -458,7 +462,9 @@ def _evaluate_test(
     }
     if cfg["baseline"]["enabled"] and (out / "baseline_best.pt").exists():
         ckpt = load_checkpoint(out / "baseline_best.pt", map_location=device)
-        base = LowResBaseline(3, int(ckpt["extra"]["baseline_width"]), len(classes)).to(device)
+        base = LowResBaseline(
+            cfg["model"]["in_channels"], int(ckpt["extra"]["baseline_width"]), len(classes)
+        ).to(device)
         base.load_state_dict(ckpt["model"])
         ys, probs, losses, _ = run_slides(
             base, _records(test_df), views, settings, kind="baseline", device=device, amp=False
