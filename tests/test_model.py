@@ -165,3 +165,45 @@ def test_runs_on_cuda() -> None:
     out.logits.sum().backward()
     assert out.logits.is_cuda and out.locations.is_cuda
     assert torch.equal(out.patches, extract_patches(x_high.cuda(), out.locations, P))
+
+
+def test_input_normalisation_inside_the_model_equals_normalising_outside() -> None:
+    x_low, x_high = make_batch()
+    plain, inside = make_model(), make_model(input_mean=0.5, input_std=0.25)
+    gen = torch.Generator().manual_seed(3)
+    # Boxes reaching outside the image are filled with 0 before normalisation: -2 after.
+    outside = TensorPatchSource((x_high - 0.5) / 0.25, P, fill=-2.0)
+    want = plain((x_low - 0.5) / 0.25, outside, generator=gen)
+    got = inside(x_low, x_high, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(got.logits, want.logits, rtol=0, atol=0)
+    assert torch.equal(got.indices, want.indices)
+    # The output keeps the patches as read, not as normalised.
+    assert torch.equal(got.patches, extract_patches(x_high, got.locations, P))
+    # Configuration, not state: checkpoints of models without normalisation still load.
+    assert "input_mean" not in inside.state_dict()
+    inside.load_state_dict(plain.state_dict())
+
+
+def test_feature_net_that_normalises_itself_gets_raw_patches() -> None:
+    seen: list[Tensor] = []
+    net = build_feature_net("mnist", in_channels=1)
+    net.normalizes_input = True
+    net.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
+    torch.manual_seed(0)
+    model = ATSModel(
+        build_attention_net("mnist", in_channels=1),
+        net,
+        num_classes=5,
+        n_patches=4,
+        patch_size=P,
+        input_mean=0.5,
+        input_std=0.25,
+    )
+    x_low, x_high = make_batch()
+    out = model(x_low, x_high, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(seen[0], out.patches.reshape(-1, 1, P, P))
+
+
+def test_normalisation_needs_both_statistics() -> None:
+    with pytest.raises(ValueError, match="both input_mean and input_std"):
+        make_model(input_mean=0.5)
