@@ -310,3 +310,13 @@ def test_nan_loss_stops_training_naming_epoch_and_step(tmp_path: Path) -> None:
     assert saved["epoch"] == 1
     assert all(torch.isfinite(v).all() for v in model.state_dict().values())
     assert all(torch.isfinite(v).all() for v in saved["model"].values())
+
+
+def test_select_metric_keeps_the_best_epoch(tmp_path: Path) -> None:
+    _, hist = _fit(tmp_path, epochs=4, select_metric="test_accuracy")
+    accs = [r["test_accuracy"] for r in hist]
+    best_epoch = 1 + accs.index(max(accs))  # the first epoch reaching the best value
+    best = load_checkpoint(tmp_path / "ats_best.pt")
+    assert best["epoch"] == best_epoch and best["extra"]["best"] == max(accs)
+    assert [r["best"] for r in hist] == [max(accs[: i + 1]) for i in range(4)]
+    assert load_checkpoint(tmp_path / "ats_checkpoint.pt")["extra"]["best"] == max(accs)
