@@ -11,12 +11,15 @@ from ats_wsi.io.errors import (
     NoTissueError,
     SlideError,
     SlideNotFoundError,
+    SlideTooLargeError,
     SlideTooSmallError,
     UnsupportedSlideError,
 )
+from ats_wsi.io.images import ArrayReader, ImageReader
 from ats_wsi.io.prefetch import LowResItem, LowResLoader, Prefetcher
 from ats_wsi.io.readers import (
     BACKENDS,
+    MppSpec,
     OpenSlideReader,
     SlideReader,
     ZarrReader,
@@ -29,6 +32,9 @@ from ats_wsi.io.tissue import load_mask, mask_to_grid, tissue_mask
 
 __all__ = [
     "BACKENDS",
+    "ArrayReader",
+    "ImageReader",
+    "MppSpec",
     "CorruptSlideError",
     "LowResItem",
     "LowResLoader",
@@ -40,6 +46,7 @@ __all__ = [
     "SlideNotFoundError",
     "SlidePatchSource",
     "SlideReader",
+    "SlideTooLargeError",
     "SlideTooSmallError",
     "UnsupportedSlideError",
     "ZarrReader",

@@ -23,15 +23,21 @@ NgffVersion = Literal["0.4", "0.5"]
 
 
 def ngff_multiscales(
-    levels: int, mpp: tuple[float, float], name: str = "image", version: NgffVersion = "0.5"
+    levels: int,
+    mpp: tuple[float, float] | None,
+    name: str = "image",
+    version: NgffVersion = "0.5",
 ) -> dict[str, Any]:
-    """The ``multiscales`` entry of a (c, y, x) pyramid with 2x reductions, in micrometres."""
+    """The ``multiscales`` entry of a (c, y, x) pyramid with 2x reductions, in micrometres;
+    ``mpp`` None writes pixel units (no ``unit`` on the axes, level-0 scale 1)."""
+    unit = {} if mpp is None else {"unit": "micrometer"}
+    mpp = (1.0, 1.0) if mpp is None else mpp
     entry: dict[str, Any] = {
         "name": name,
         "axes": [
             {"name": "c", "type": "channel"},
-            {"name": "y", "type": "space", "unit": "micrometer"},
-            {"name": "x", "type": "space", "unit": "micrometer"},
+            {"name": "y", "type": "space", **unit},
+            {"name": "x", "type": "space", **unit},
         ],
         "datasets": [
             {
@@ -80,7 +86,8 @@ def write_ome_zarr(
         progress: called as ``progress(level, chunks_done)`` after each chunk.
 
     Returns:
-        The output path.
+        The output path. A reader with ``mpp_source == "none"`` (opened with
+        ``MppSpec(allow_missing=True)``) gives a pyramid in pixel units.
     """
     import zarr
 
@@ -132,7 +139,9 @@ def write_ome_zarr(
                 if progress is not None:
                     progress(level, done)
 
-    multiscale = ngff_multiscales(levels, reader.mpp, name=Path(reader.path).name, version=version)
+    # A reader opened without any resolution (mpp_source "none") is written in pixel units.
+    mpp = None if getattr(reader, "mpp_source", "") == "none" else reader.mpp
+    multiscale = ngff_multiscales(levels, mpp, name=Path(reader.path).name, version=version)
     if version == "0.5":
         group.attrs["ome"] = {"version": "0.5", "multiscales": [multiscale]}
     else:

@@ -15,6 +15,7 @@ __all__ = [
     "NoTissueError",
     "SlideError",
     "SlideNotFoundError",
+    "SlideTooLargeError",
     "SlideTooSmallError",
     "UnsupportedSlideError",
 ]
@@ -40,15 +41,29 @@ class SlideNotFoundError(SlideError, FileNotFoundError):
 
 
 class UnsupportedSlideError(SlideError, ValueError):
-    """No backend can read this file format (or the requested backend cannot)."""
+    """Not a slide or image format any backend reads (or the requested backend cannot)."""
 
 
 class CorruptSlideError(SlideError, OSError):
-    """The file looks like a supported format but cannot be decoded (truncated, garbage)."""
+    """The file looks like a supported format but cannot be decoded (truncated, damaged)."""
 
 
 class MissingResolutionError(SlideError, ValueError):
     """The slide has no microns-per-pixel metadata and none was given by the user."""
+
+
+class SlideTooLargeError(SlideError, ValueError):
+    """A plain (non-pyramidal) image too large to read without a pyramid; ``limit`` is the
+    largest pixel count accepted."""
+
+    def __init__(
+        self, path: str | PathLike[str] | None, problem: str, limit: int | None = None
+    ) -> None:
+        super().__init__(path, problem)
+        self.limit = limit
+
+    def __reduce__(self) -> tuple[type[SlideError], tuple[str | None, str, int | None]]:
+        return (type(self), (self.path, self.problem, self.limit))
 
 
 class NoTissueError(SlideError, ValueError):

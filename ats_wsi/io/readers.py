@@ -11,15 +11,25 @@ Conventions shared by every reader:
   every backend.
 
 :func:`open_slide` picks a backend from the path through a registry (:data:`BACKENDS` and
-:data:`SUFFIX_BACKENDS`); ``backend="tiatoolbox"`` forces the tiatoolbox adapter, which is the only
-module that imports tiatoolbox.
+:data:`SUFFIX_BACKENDS`): OpenSlide by default, OME-Zarr for zarr stores, the plain-image reader
+(:mod:`ats_wsi.io.images`) for PNG / JPEG and for TIFFs that OpenSlide does not recognise;
+``backend="tiatoolbox"`` forces the tiatoolbox adapter, which is the only module that imports
+tiatoolbox.
+
+The level-0 resolution comes from the file's metadata unless the caller overrides it; an
+:class:`MppSpec` says what to use when the file has none (a manifest column, a command-line
+default) and whether the user's value should win anyway. Every reader :func:`open_slide`
+returns carries ``mpp_source``: ``metadata``, ``manifest``, ``cli``, ``override`` or ``none``.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import cached_property
 from os import PathLike
 from pathlib import Path
 from types import TracebackType
@@ -39,7 +49,10 @@ from ats_wsi.io.errors import (
 __all__ = [
     "BACKENDS",
     "SUFFIX_BACKENDS",
+    "MPP_SOURCES",
+    "NO_MPP_HELP",
     "BaseSlideReader",
+    "MppSpec",
     "OpenSlideReader",
     "SlideReader",
     "ZarrReader",
@@ -136,6 +149,72 @@ def composite_on_white(rgba: np.ndarray) -> np.ndarray:
     return out.astype(np.uint8)
 
 
+MPP_SOURCES = ("metadata", "manifest", "cli", "override", "none")
+"""Where a reader's level-0 mpp came from (``none``: pixel units, for conversion only)."""
+
+NO_MPP_HELP = (
+    "no microns-per-pixel metadata; give the level-0 resolution with --mpp UM_PER_PX "
+    "(command line), an 'mpp' or 'magnification' manifest column, or mpp=... (Python)"
+)
+
+
+def _positive(value: float, what: str, path: object) -> float:
+    v = float(value)
+    if not (math.isfinite(v) and v > 0):
+        raise ValueError(f"{path}: {what} must be positive, got {value!r}")
+    return v
+
+
+def slide_key(path: PathLikeStr) -> str:
+    """The key a per-slide table uses for ``path`` (absolute, normalised)."""
+    return os.path.abspath(os.fspath(path))
+
+
+@dataclass(frozen=True)
+class MppSpec:
+    """How :func:`open_slide` picks a slide's level-0 mpp when its file may lack one.
+
+    The file's metadata wins, unless ``override`` is set and the user gave a value. The user's
+    value is the slide's entry in ``per_slide`` (from a manifest), else ``default`` (e.g.
+    ``--mpp``, reported as ``default_source``). ``allow_missing`` opens a slide that has
+    neither in pixel units (mpp 1, ``mpp_source`` ``none``): conversion needs no microns.
+
+    Attributes:
+        default: mpp for slides without metadata or a per-slide value.
+        override: the user's value replaces the metadata.
+        per_slide: ``(slide_key(path), mpp)`` pairs.
+        default_source: what ``mpp_source`` says when ``default`` is used.
+        allow_missing: open slides without any mpp in pixel units instead of raising.
+    """
+
+    default: float | None = None
+    override: bool = False
+    per_slide: tuple[tuple[str, float], ...] = ()
+    default_source: str = "cli"
+    allow_missing: bool = False
+
+    def __post_init__(self) -> None:
+        if self.default is not None:
+            _positive(self.default, "mpp", "<default>")
+        for key, value in self.per_slide:
+            _positive(value, "mpp", key)
+        if self.default_source not in MPP_SOURCES:
+            raise ValueError(f"default_source must be one of {MPP_SOURCES}")
+
+    @cached_property
+    def _table(self) -> dict[str, float]:
+        return dict(self.per_slide)
+
+    def user_value(self, path: PathLikeStr) -> tuple[float | None, str]:
+        """(the user's mpp for ``path`` or None, and where it comes from)."""
+        value = self._table.get(slide_key(path))
+        if value is not None:
+            return float(value), "manifest"
+        if self.default is not None:
+            return float(self.default), self.default_source
+        return None, ""
+
+
 def resolve_mpp(
     path: PathLikeStr | None,
     metadata_mpp: tuple[float, float] | None,
@@ -163,11 +242,7 @@ def resolve_mpp(
         return (value, value)
     if metadata_mpp is not None and all(math.isfinite(v) and v > 0 for v in metadata_mpp):
         return (float(metadata_mpp[0]), float(metadata_mpp[1]))
-    raise MissingResolutionError(
-        path,
-        "no microns-per-pixel metadata; pass mpp=... (microns per level-0 pixel) or "
-        "objective_power=... (mpp = 10 / power)",
-    )
+    raise MissingResolutionError(path, NO_MPP_HELP)
 
 
 class Closing:
@@ -199,6 +274,8 @@ class BaseSlideReader(Closing, ABC):
     _level_dimensions: tuple[tuple[int, int], ...]
     _level_downsamples: tuple[float, ...]
     _mpp: tuple[float, float]
+    # Set by open_slide; a reader built directly took its mpp from metadata or its caller.
+    mpp_source: str = "metadata"
 
     # -- metadata ------------------------------------------------------------------------------
     @property
@@ -374,24 +451,43 @@ class BaseSlideReader(Closing, ABC):
 _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 
 
-def unreadable_error(path: Path, problem: str) -> UnsupportedSlideError | CorruptSlideError:
-    """The error for a file no backend could open: corrupt if it starts like a TIFF.
-
-    Nearly all slide formats are TIFF-based, so a TIFF header that the backend then rejects is
-    most likely a truncated or damaged slide rather than an unknown format.
-    """
+def _head(path: Path, n: int = 4) -> bytes:
     try:
         with open(path, "rb") as f:
-            head = f.read(4)
+            return f.read(n)
     except OSError:
-        head = b""
-    if head in _TIFF_MAGIC:
-        return CorruptSlideError(
-            path, f"TIFF header but unreadable, truncated or damaged? {problem}"
+        return b""
+
+
+def is_tiff(path: PathLikeStr) -> bool:
+    """Whether the file starts with a TIFF (or BigTIFF) signature."""
+    return _head(Path(path)) in _TIFF_MAGIC
+
+
+def unreadable_error(path: Path, problem: str) -> UnsupportedSlideError | CorruptSlideError:
+    """The error for a file a backend could not open.
+
+    A TIFF that tifffile cannot parse either is damaged (nearly all slide formats are TIFF
+    based); one it parses is a plain TIFF for the ``image`` backend; anything else is not a
+    slide format.
+    """
+    if is_tiff(path):
+        try:
+            import tifffile
+
+            with tifffile.TiffFile(path) as tif:
+                tif.series[0].shape  # noqa: B018 - parses the first IFD chain
+        except Exception as e:
+            return CorruptSlideError(
+                path, f"TIFF header but unreadable, truncated or damaged ({problem}; {e})"
+            )
+        return UnsupportedSlideError(
+            path, f"a plain TIFF this backend does not read ({problem}); use backend='image'"
         )
     return UnsupportedSlideError(
         path,
-        f"unsupported format: {problem}; for plain images try backend='tiatoolbox' with mpp=...",
+        f"not a slide format: {problem}; readable are OpenSlide formats (SVS, NDPI, MRXS, "
+        "tiled TIFF, ...), OME-Zarr, and plain TIFF / PNG / JPEG images",
     )
 
 
@@ -430,6 +526,17 @@ class OpenSlideReader(BaseSlideReader):
             meta = None
         try:
             self._mpp = resolve_mpp(self.path, meta, mpp, objective_power)
+        except MissingResolutionError as e:
+            power = props.get(openslide.PROPERTY_NAME_OBJECTIVE_POWER)
+            self._slide.close()
+            if power:
+                # A hint, not a guess: scanners differ, so the user decides.
+                raise MissingResolutionError(
+                    self.path,
+                    f"{e.problem} (the file gives objective power {power}x; at the usual "
+                    f"10x ~ 1 um/px that is --mpp {10 / float(power):g})",
+                ) from None
+            raise
         except BaseException:
             self._slide.close()
             raise
@@ -591,18 +698,25 @@ def _open_tiatoolbox(path: PathLikeStr, **kwargs: Any) -> SlideReader:
     return TiatoolboxReader(path, **kwargs)
 
 
+def _open_image(path: PathLikeStr, **kwargs: Any) -> SlideReader:
+    from ats_wsi.io.images import ImageReader
+
+    return ImageReader(path, **kwargs)
+
+
 BACKENDS: dict[str, SlideFactory] = {
     "openslide": OpenSlideReader,
     "zarr": ZarrReader,
+    "image": _open_image,
     "tiatoolbox": _open_tiatoolbox,
 }
 """Backend name -> factory ``(path, mpp=None, objective_power=None) -> SlideReader``."""
 
 SUFFIX_BACKENDS: dict[str, str] = {
     ".zarr": "zarr",
-    ".png": "tiatoolbox",
-    ".jpg": "tiatoolbox",
-    ".jpeg": "tiatoolbox",
+    ".png": "image",
+    ".jpg": "image",
+    ".jpeg": "image",
 }
 """Lower-case name suffix -> backend; anything else goes to :data:`DEFAULT_BACKEND`."""
 
@@ -626,13 +740,24 @@ def backend_for(path: PathLikeStr) -> str:
             return SUFFIX_BACKENDS[suffix]
     if p.is_dir() and any((p / f).exists() for f in ("zarr.json", ".zattrs", ".zgroup")):
         return "zarr"
+    if DEFAULT_BACKEND == "openslide" and p.is_file() and is_tiff(p):
+        import openslide
+
+        # Plain (strip, non-pyramidal, OME) TIFFs are not OpenSlide formats.
+        if openslide.OpenSlide.detect_format(p) is None:
+            return "image"
     return DEFAULT_BACKEND
+
+
+def _tagged(reader: SlideReader, source: str) -> SlideReader:
+    reader.mpp_source = source  # type: ignore[attr-defined] - every BaseSlideReader has it
+    return reader
 
 
 def open_slide(
     path: PathLikeStr,
     backend: str | None = None,
-    mpp: float | tuple[float, float] | None = None,
+    mpp: float | tuple[float, float] | MppSpec | None = None,
     objective_power: float | None = None,
 ) -> SlideReader:
     """Open a slide with the backend registered for its path (or the one named).
@@ -640,11 +765,13 @@ def open_slide(
     Args:
         path: slide file, or OME-Zarr directory.
         backend: a key of :data:`BACKENDS`; None picks one from the path.
-        mpp: level-0 microns per pixel, overriding the file's metadata.
+        mpp: level-0 microns per pixel overriding the file's metadata, or an :class:`MppSpec`
+            (metadata first, the user's value as fallback or, with ``override``, instead).
         objective_power: used as mpp = 10 / power when ``mpp`` is not given.
 
     Raises:
-        SlideNotFoundError, UnsupportedSlideError, CorruptSlideError, MissingResolutionError.
+        SlideNotFoundError, UnsupportedSlideError, CorruptSlideError, MissingResolutionError,
+        SlideTooLargeError.
     """
     p = _existing(path)
     name = backend if backend is not None else backend_for(p)
@@ -654,4 +781,19 @@ def open_slide(
         raise UnsupportedSlideError(
             p, f"unknown backend {name!r}; known: {sorted(BACKENDS)}"
         ) from None
-    return factory(p, mpp=mpp, objective_power=objective_power)
+    if not isinstance(mpp, MppSpec):
+        given = mpp is not None or objective_power is not None
+        reader = factory(p, mpp=mpp, objective_power=objective_power)
+        return _tagged(reader, "override" if given else "metadata")
+    value, source = mpp.user_value(p)
+    if value is not None and mpp.override:
+        return _tagged(factory(p, mpp=value), "override")
+    try:
+        return _tagged(factory(p), "metadata")
+    except MissingResolutionError:
+        # Only slides without metadata pay for this second open.
+        if value is not None:
+            return _tagged(factory(p, mpp=value), source)
+        if mpp.allow_missing:
+            return _tagged(factory(p, mpp=1.0), "none")
+        raise

@@ -44,13 +44,16 @@ def prediction_columns(classes: Sequence[str]) -> list[str]:
         "sampler",
         "attention_mpp",
         "patch_mpp",
+        "mpp",
+        "mpp_source",
         "runtime_s",
         "error",
     ]
 
 
 class PredictionsCSV:
-    """Append-only predictions file that survives being killed at any moment.
+    """Append-only predictions file that survives being killed at any moment, shared safely
+    by several processes.
 
     Args:
         path: the CSV.
@@ -66,10 +69,52 @@ class PredictionsCSV:
         self.columns = list(columns)
         self.done: dict[str, dict[str, str]] = {}
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if self.path.exists() and self.path.stat().st_size > 0:
-            self._repair(retry_errors)
-        else:
-            self._write_text(self._format(self.columns))
+        # A side file: the CSV itself is replaced by a repair, and a lock on a replaced inode
+        # would exclude nobody.
+        self.lock_path = self.path.with_name(f".{self.path.name}.lock")
+        self._seen: tuple[int, int] = (-1, 0)  # (inode, bytes parsed) of the file
+        with self._locked():
+            if self.path.exists() and self.path.stat().st_size > 0:
+                self._repair(retry_errors)
+            else:
+                self._write_text(self._format(self.columns))
+            self._mark()
+
+    def _locked(self) -> Any:
+        from ats_wsi.slides.locks import exclusive
+
+        return exclusive(self.lock_path)
+
+    def _mark(self) -> None:
+        st = self.path.stat()
+        self._seen = (st.st_ino, st.st_size)
+
+    def refresh(self) -> None:
+        """Read rows other processes appended since the last look (call under the lock)."""
+        st = self.path.stat()
+        inode, offset = self._seen
+        if st.st_ino != inode or st.st_size < offset:
+            # Replaced by another job's repair: start over.
+            self.done.clear()
+            offset = 0
+        with open(self.path, "rb") as fh:
+            fh.seek(offset)
+            raw = fh.read()
+        cut = raw.rfind(b"\n") + 1
+        if cut < len(raw):
+            # Writers append whole lines under the lock we hold: a tail without its newline
+            # is what a killed writer left, and the next row must not be glued to it.
+            os.truncate(self.path, offset + cut)
+            st = self.path.stat()
+        text = raw[:cut].decode("utf-8", errors="replace")
+        rows = list(csv.reader(io.StringIO(text)))
+        if offset == 0 and rows:
+            rows = rows[1:]  # the header
+        for row in rows:
+            if len(row) == len(self.columns):
+                record = dict(zip(self.columns, row, strict=True))
+                self.done[record["slide_id"]] = record
+        self._seen = (st.st_ino, offset + cut)
 
     @staticmethod
     def _format(values: Sequence[Any]) -> str:
@@ -115,9 +160,30 @@ class PredictionsCSV:
 
     def write(self, row: Mapping[str, Any]) -> None:
         """Append one row (missing columns empty) and make it durable before returning."""
+        with self._locked():
+            self.refresh()
+            self._append(row)
+
+    def write_new(self, row: Mapping[str, Any]) -> bool:
+        """Append ``row`` unless some process already wrote its slide; True if written."""
+        with self._locked():
+            self.refresh()
+            if str(row["slide_id"]) in self.done:
+                return False
+            self._append(row)
+            return True
+
+    def has(self, slide_id: str) -> bool:
+        """Whether any process has written ``slide_id`` (re-reads the file under the lock)."""
+        with self._locked():
+            self.refresh()
+        return slide_id in self.done
+
+    def _append(self, row: Mapping[str, Any]) -> None:
         values = ["" if row.get(c) is None else _cell(row.get(c)) for c in self.columns]
         self._write_text(self._format(values), mode="a")
         self.done[str(row["slide_id"])] = dict(zip(self.columns, values, strict=True))
+        self._mark()
 
     def __contains__(self, slide_id: object) -> bool:
         return slide_id in self.done

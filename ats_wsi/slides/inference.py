@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from ats_wsi.checkpoint import load_checkpoint
+from ats_wsi.io.readers import MppSpec, SlideReader, open_slide
 from ats_wsi.model import ATSModel
 from ats_wsi.slides.engine import SlideResult, SlideSettings, build_model, predict_slide
 from ats_wsi.slides.export import (
@@ -29,6 +30,8 @@ from ats_wsi.slides.export import (
     save_heatmap,
     summarise_predictions,
 )
+from ats_wsi.slides.locks import DEFAULT_STALE_AFTER_S, SlideClaims
+from ats_wsi.slides.manifest import record_mpp
 
 __all__ = [
     "PredictOptions",
@@ -46,10 +49,14 @@ class PredictOptions:
 
     ``sampler`` is ``topk`` (deterministic) or a training sampler (seeded per slide);
     ``n_patches`` None uses the checkpoint's. Artefacts go to ``out_dir``/{heatmaps, gallery,
-    zarr, geojson}/<slide_id>.*.
+    zarr, geojson}/<slide_id>.*. ``mpp`` is the level-0 resolution of slides whose file and
+    manifest row give none; with ``mpp_override`` the user's value (manifest, then ``mpp``)
+    replaces the file's.
     """
 
     sampler: str = "topk"
+    mpp: float | None = None
+    mpp_override: bool = False
     n_patches: int | None = None
     seed: int = 0
     heatmaps: bool = True
@@ -124,21 +131,39 @@ def predict_record(
         pred = get_predictor(checkpoint, options.device)
         if not record.get("path"):
             raise FileNotFoundError(f"slide {row['slide_id']!r} not found (no file for it)")
-        res = predict_slide(
-            pred.model,
-            str(record["path"]),
-            pred.settings,
-            device=options.device,
-            sampler=options.sampler,
-            n_patches=options.n_patches,
-            seed=options.seed,
-            slide_id=row["slide_id"],
-        )
-        row = write_prediction(Path(out_dir), res, pred, options, row)
+        spec = record_mpp_spec(record, options, pred.settings)
+        with open_slide(str(record["path"]), pred.settings.backend, spec) as reader:
+            res = predict_slide(
+                pred.model,
+                reader,
+                pred.settings,
+                device=options.device,
+                sampler=options.sampler,
+                n_patches=options.n_patches,
+                seed=options.seed,
+                slide_id=row["slide_id"],
+            )
+            row = write_prediction(Path(out_dir), res, pred, options, row, reader=reader)
     except Exception as e:  # any failure of one slide is that slide's row, not the run's end
         row["error"] = f"{type(e).__name__}: {e}".replace("\n", " ")
     row["runtime_s"] = round(time.perf_counter() - t0, 4)
     return row
+
+
+def record_mpp_spec(
+    record: Mapping[str, Any], options: PredictOptions, settings: SlideSettings
+) -> MppSpec | float | None:
+    """How to get a record's level-0 mpp: its manifest value, else ``options.mpp``, as the
+    fallback for missing metadata (or, with ``mpp_override``, instead of it). Without either,
+    the training config's ``slide_mpp`` override, if any, as before."""
+    manifest = record_mpp(record)
+    if manifest is not None:
+        return MppSpec(default=manifest, override=options.mpp_override, default_source="manifest")
+    if options.mpp is not None:
+        return MppSpec(default=options.mpp, override=options.mpp_override)
+    if settings.slide_mpp is not None:
+        return settings.slide_mpp
+    return MppSpec()
 
 
 def _row_start(record: Mapping[str, Any], options: PredictOptions) -> dict[str, Any]:
@@ -158,17 +183,22 @@ def write_prediction(
     pred: Predictor,
     options: PredictOptions,
     row: dict[str, Any],
+    *,
+    reader: SlideReader | None = None,
 ) -> dict[str, Any]:
     """Complete a slide's CSV ``row`` from its result and write the artefacts ``options`` ask
     for under ``out``/{heatmaps, gallery, zarr, geojson}/<slide_id>.*: what every front end
     (``predict_slides``, the trainer's test split, :class:`~ats_wsi.tiatoolbox_model.ATSEngine`)
-    writes for a prediction."""
+    writes for a prediction. ``reader``, the open slide, gives ``mpp_source``."""
     slide_id = row["slide_id"]
     settings = pred.settings
     y_hat = int(res.probs.argmax())
+    source = getattr(reader, "mpp_source", None) if reader is not None else None
     row.update(
         attention_mpp=settings.attention_mpp,
         patch_mpp=settings.patch_mpp,
+        mpp=float(res.mpp[0]),
+        mpp_source=source or row.get("mpp_source", ""),
         Y_hat=y_hat,
         pred_label=pred.classes[y_hat],
         n_patches=len(res.locations_xy),
@@ -233,6 +263,9 @@ def predict_many(
     processes: bool = True,
     retries: int = 2,
     on_row: Callable[[dict[str, Any]], None] | None = None,
+    progress: bool | None = None,
+    lock_timeout_s: float = DEFAULT_STALE_AFTER_S,
+    clear_stale_locks: bool = False,
 ) -> dict[str, Any]:
     """Predict every record not yet in ``out_dir/csv_name``; returns the metrics summary.
 
@@ -241,6 +274,12 @@ def predict_many(
     (``retries`` re-runs for lost workers), the model is loaded once per worker process by
     :func:`get_predictor`, and rows are written as tasks complete. ``metrics.json`` is written
     when rows carry labels.
+
+    Other jobs may work on the same folder: a slide is predicted only by the job that claims
+    it (claims older than ``lock_timeout_s`` without a heartbeat are taken over;
+    ``clear_stale_locks`` first removes claims whose heartbeat stopped), and a row is written
+    only if no job wrote that slide. ``progress`` shows a tqdm bar (None: when stderr is a
+    terminal).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -250,28 +289,51 @@ def predict_many(
         classes = get_predictor(checkpoint, options.device).classes
     table = PredictionsCSV(out / csv_name, prediction_columns(classes), retry_errors)
     todo = [dict(r) for r in records if str(r["slide_id"]) not in table]
+    claims = SlideClaims(out, lock_timeout_s)
+    if clear_stale_locks:
+        claims.clear_stale()
+    bar = progress_bar(len(todo), "predict", progress)
+
+    def claim(rec: Mapping[str, Any]) -> bool:
+        sid = str(rec["slide_id"])
+        if claims.claim(sid):
+            if not table.has(sid):
+                return True
+            claims.release(sid)
+        # Another job holds it or has finished it: not ours to count.
+        bar.total = max(bar.n, (bar.total or 0) - 1)
+        bar.refresh()
+        return False
 
     def emit(row: dict[str, Any]) -> None:
-        table.write(row)
-        if on_row is not None:
+        written = table.write_new(row)
+        claims.release(str(row["slide_id"]))
+        bar.update(1)
+        if written and on_row is not None:
             on_row(row)
 
-    if todo and (client is not None or scheduler_address or workers > 0):
-        _predict_dask(
-            todo,
-            checkpoint,
-            str(out),
-            options,
-            emit,
-            client,
-            scheduler_address,
-            workers,
-            processes,
-            retries,
-        )
-    else:
-        for rec in todo:
-            emit(predict_record(rec, checkpoint, str(out), options))
+    try:
+        if todo and (client is not None or scheduler_address or workers > 0):
+            _predict_dask(
+                [r for r in todo if claim(r)],
+                checkpoint,
+                str(out),
+                options,
+                emit,
+                client,
+                scheduler_address,
+                workers,
+                processes,
+                retries,
+            )
+        else:
+            for rec in todo:
+                if claim(rec):
+                    emit(predict_record(rec, checkpoint, str(out), options))
+    finally:
+        claims.release_all()
+        bar.close()
+    table.has("")  # re-read: rows other jobs wrote count in the summary
     wanted = {str(r["slide_id"]) for r in records}
     rows = [r for sid, r in table.done.items() if sid in wanted]
     summary = summarise_predictions(rows, classes)
@@ -311,6 +373,8 @@ def _predict_dask(
         owned.insert(0, client)
     if options.torch_threads is None:
         options = replace(options, torch_threads=1)
+    if not todo:
+        return
     try:
         futures = [
             client.submit(
@@ -346,6 +410,21 @@ def _predict_dask(
 
 
 def records_from_frame(df: Any) -> list[dict[str, Any]]:
-    """Manifest DataFrame -> records for :func:`predict_many`."""
-    cols = ["case_id", "slide_id", "label", "y", "path"]
+    """Manifest DataFrame -> records for :func:`predict_many` (with the slide's ``mpp`` and
+    ``magnification`` when the manifest has them)."""
+    cols = [
+        c
+        for c in ("case_id", "slide_id", "label", "y", "path", "mpp", "magnification")
+        if c in df.columns
+    ]
     return [{c: r[c] for c in cols} for r in df.to_dict("records")]
+
+
+def progress_bar(total: int, desc: str, enabled: bool | None = None) -> Any:
+    """A tqdm bar counting slides (slides/s, ETA); ``enabled`` None: only on a terminal."""
+    import sys
+
+    from tqdm.auto import tqdm
+
+    disable = (not sys.stderr.isatty()) if enabled is None else not enabled
+    return tqdm(total=total, desc=desc, unit="slide", disable=disable, dynamic_ncols=True)

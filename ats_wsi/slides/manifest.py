@@ -1,20 +1,25 @@
 """Slide manifests in the CLAM convention, and patient-stratified train/val/test splits.
 
 A manifest is a CSV with columns ``case_id, slide_id, label`` and optionally ``path`` (absolute
-or relative to the CSV) and ``split`` (``train`` / ``val`` / ``test``). Without ``path`` a slide
-is looked up as ``<slide_dir>/<slide_id><ext>`` for the usual whole-slide extensions.
+or relative to the CSV), ``split`` (``train`` / ``val`` / ``test``), ``mpp`` (level-0 microns
+per pixel) and ``magnification`` (objective power, mpp = 10 / magnification) for slides whose
+files lack a resolution. Without ``path`` a slide is looked up as ``<slide_dir>/<slide_id><ext>``
+for the usual whole-slide and image extensions.
 Every problem is reported as :class:`ManifestError` naming the file, the line and the problem.
 """
 
 from __future__ import annotations
 
 import csv
-from collections.abc import Sequence
+import math
+from collections.abc import Mapping, Sequence
 from os import PathLike
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+from ats_wsi.io.readers import MppSpec, slide_key
 
 __all__ = [
     "REQUIRED_COLUMNS",
@@ -23,7 +28,9 @@ __all__ = [
     "ManifestError",
     "find_slide",
     "make_splits",
+    "mpp_spec",
     "read_manifest",
+    "record_mpp",
     "slides_from_dir",
 ]
 
@@ -45,7 +52,11 @@ SLIDE_EXTENSIONS = (
     ".ome.zarr",
     ".ome.tif",
     ".ome.tiff",
+    ".png",
+    ".jpg",
+    ".jpeg",
 )
+COLUMNS = ["case_id", "slide_id", "label", "y", "path", "split", "mpp", "magnification", "line"]
 
 
 class ManifestError(ValueError):
@@ -90,13 +101,15 @@ def read_manifest(
         extensions: file extensions tried, in order.
 
     Returns:
-        Columns ``case_id, slide_id, label, y, path, split`` (strings; ``y`` the int class index
-        or -1 without a label; ``path`` "" when the slide was not found; ``split`` "" when the
-        manifest has none). ``attrs["classes"]`` holds the class names.
+        Columns ``case_id, slide_id, label, y, path, split, mpp, magnification`` (strings; ``y``
+        the int class index or -1 without a label; ``path`` "" when the slide was not found;
+        ``split`` "" when the manifest has none; ``mpp`` / ``magnification`` floats, NaN when
+        empty). ``attrs["classes"]`` holds the class names.
 
     Raises:
         ManifestError: missing file or columns, empty file, empty or duplicate ``slide_id``,
-            unknown label or split.
+            unknown label or split, an ``mpp`` or ``magnification`` that is not a positive
+            number.
     """
     path = Path(path)
     if not path.is_file():
@@ -153,6 +166,22 @@ def read_manifest(
                 f"{', '.join(SPLITS)}",
                 line,
             )
+        resolution = {}
+        for name in ("mpp", "magnification"):
+            text = get(name)
+            value = math.nan
+            if text:
+                try:
+                    value = float(text)
+                except ValueError:
+                    value = math.nan
+                if not (math.isfinite(value) and value > 0):
+                    raise ManifestError(
+                        path,
+                        f"{name} {text!r} for slide {slide_id!r} is not a positive number",
+                        line,
+                    )
+            resolution[name] = value
         records.append(
             {
                 "line": line,
@@ -161,6 +190,7 @@ def read_manifest(
                 "label": label,
                 "path": get("path"),
                 "split": split,
+                **resolution,
             }
         )
 
@@ -188,9 +218,7 @@ def read_manifest(
                 (f for d in search if (f := find_slide(d, str(r["slide_id"]), extensions))), None
             )
             r["path"] = str(found) if found is not None else ""
-    df = pd.DataFrame.from_records(
-        records, columns=["case_id", "slide_id", "label", "y", "path", "split", "line"]
-    )
+    df = pd.DataFrame.from_records(records, columns=COLUMNS)
     df["y"] = df["y"].astype(int)
     df.attrs["classes"] = names
     df.attrs["source"] = str(path)
@@ -219,15 +247,48 @@ def slides_from_dir(
                 "y": -1,
                 "path": str(p),
                 "split": "",
+                "mpp": math.nan,
+                "magnification": math.nan,
                 "line": 0,
             }
         )
     if not records:
         raise ManifestError(base, f"no slide files ({', '.join(extensions)})")
-    df = pd.DataFrame.from_records(records)
+    df = pd.DataFrame.from_records(records, columns=COLUMNS)
     df.attrs["classes"] = []
     df.attrs["source"] = str(base)
     return df
+
+
+def record_mpp(record: Mapping[str, object]) -> float | None:
+    """A manifest row's level-0 mpp: its ``mpp``, else 10 / ``magnification``, else None."""
+    for name, convert in (("mpp", lambda v: v), ("magnification", lambda v: 10.0 / v)):
+        value = record.get(name)
+        if value is None or value == "":
+            continue
+        value = float(value)  # type: ignore[arg-type]
+        if math.isfinite(value) and value > 0:
+            return float(convert(value))
+    return None
+
+
+def mpp_spec(
+    records: pd.DataFrame | Sequence[Mapping[str, object]],
+    default: float | None = None,
+    override: bool = False,
+    default_source: str = "cli",
+) -> MppSpec:
+    """The :class:`MppSpec` of a cohort: each slide's manifest mpp (or magnification), then
+    ``default``; with ``override`` they replace the files' metadata."""
+    rows = records.to_dict("records") if isinstance(records, pd.DataFrame) else records
+    table = tuple(
+        (slide_key(str(r["path"])), mpp)
+        for r in rows
+        if r.get("path") and (mpp := record_mpp(r)) is not None
+    )
+    return MppSpec(
+        default=default, override=override, per_slide=table, default_source=default_source
+    )
 
 
 def _stratified_group_split(

@@ -53,7 +53,7 @@ def test_backend_choice(pyramid_readers: list[SlideReader]) -> None:
     assert all(isinstance(r, SlideReader) for r in pyramid_readers)
     assert backend_for("a/b.ZARR") == "zarr"
     assert backend_for("a/b.svs") == "openslide"
-    assert backend_for("a/b.png") == "tiatoolbox"
+    assert backend_for("a/b.png") == "image"
 
 
 def test_metadata_agrees(pyramid_readers: list[SlideReader], pyramid_spec: dict) -> None:
@@ -197,7 +197,7 @@ def test_plain_image_through_tiatoolbox(slides_dir: Path, tcga_image: np.ndarray
     png = slides_dir / "TCGA-HE-7130-01Z-00-DX1-thumbnail.png"
     with pytest.raises(MissingResolutionError, match="thumbnail.png"):
         open_slide(png)
-    with open_slide(png, mpp=2.0) as r:
+    with open_slide(png, backend="tiatoolbox", mpp=2.0) as r:
         assert type(r).__name__ == "TiatoolboxReader"
         assert r.dimensions == (1000, 1000)
         np.testing.assert_array_equal(
