@@ -14,6 +14,7 @@ import json
 import os
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +36,8 @@ from ats_wsi.slides.engine import (
     classification_metrics,
     run_slides,
 )
-from ats_wsi.slides.manifest import ManifestError, make_splits, read_manifest
+from ats_wsi.slides.manifest import ManifestError, make_splits, mpp_spec, read_manifest
+from ats_wsi.slides.progress import slide_progress
 from ats_wsi.training import (
     class_balanced_weights,
     dist_info,
@@ -60,6 +62,8 @@ SCHEMA: dict[str, Any] = {
         "slide_dir": (_OPT_STR, None),
         "val_fraction": (_NUM, 0.2),
         "test_fraction": (_NUM, 0.25),
+        "mpp": (_OPT_NUM, None),  # level-0 mpp of slides whose file and manifest give none
+        "mpp_override": ((bool,), False),  # the manifest's / data.mpp wins over metadata
     },
     "demo": ((dict,), {}),
     "slides": {
@@ -230,6 +234,7 @@ def fit_slides(
             seed=cfg["seed"],
             epoch=epoch,
             where=f"{name} epoch {epoch}",
+            progress=slide_progress(f"{name} {epoch}/{epochs}", len(idx), _bar(cfg, rank)),
         )
         return _epoch_metrics(_gather(part, world), "train_")
 
@@ -245,6 +250,7 @@ def fit_slides(
             amp=use_amp,
             sampler=tcfg["eval_sampler"],
             seed=cfg["seed"],
+            progress=slide_progress(f"{name} val", len(vidx), _bar(cfg, rank)),
         )
         return _epoch_metrics(_gather(vpart, world), "val_")
 
@@ -271,6 +277,11 @@ def fit_slides(
 def _fmt(record: dict[str, Any]) -> str:
     keys = ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_auc", "epoch_time_s")
     return " ".join(f"{k}={record[k]:.3f}" for k in keys if isinstance(record.get(k), float))
+
+
+def _bar(cfg: dict[str, Any], rank: int) -> bool | None:
+    """Progress bars: rank 0 only; ``train.progress`` None shows them on a terminal."""
+    return False if rank else cfg["train"]["progress"]
 
 
 def _log(cfg: dict[str, Any], msg: str) -> None:
@@ -332,6 +343,11 @@ def train(
         torch.set_num_threads(tcfg["torch_threads"])
     df, classes, lesions = _load_data(cfg, out, rank, world)
     settings = SlideSettings.from_dict(dict(cfg["slides"]))
+    if settings.slide_mpp is None:
+        # Each slide's manifest mpp, then data.mpp, for files without (or, with
+        # data.mpp_override, instead of) their own: reaches every open_slide of the run.
+        spec = mpp_spec(df, cfg["data"]["mpp"], cfg["data"]["mpp_override"], "cli")
+        settings = replace(settings, slide_mpp=spec)
     train_recs = _records(df[df.split == "train"])
     val_recs = _records(df[df.split == "val"])
     test_df = df[df.split == "test"]
@@ -439,6 +455,8 @@ def _evaluate_test(
         zarr=pcfg["zarr"],
         geojson=pcfg["geojson"],
         device=str(device),
+        mpp=cfg["data"]["mpp"],
+        mpp_override=cfg["data"]["mpp_override"],
     )
     pred_dir = out / "predictions"
     # A fresh run over the same folder must not skip slides because of a stale CSV.
