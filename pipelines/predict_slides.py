@@ -1,15 +1,11 @@
 """Predict slides with a trained ATS checkpoint: one CLAM-compatible CSV row per slide.
 
-    python -m pipelines.predict_slides --checkpoint runs/demo/ats_best.pt \
-        --slides DIR|manifest.csv --out DIR [--topk | --sample] [--n-patches N] \
-        [--workers N | --scheduler-address tcp://HOST:8786] [--no-heatmaps] [--geojson]
-
 Writes ``<out>/predictions.csv`` (``slide_id, Y, Y_hat, p_0..p_{C-1}, case_id, label,
-pred_label, n_patches, sampler, attention_mpp, patch_mpp, runtime_s, error``), appended and
-fsynced slide by slide: rerunning after a kill skips the slides already there. A slide that
-cannot be read gets a row with ``error`` set. With labels, ``<out>/metrics.json`` summarises
-accuracy, balanced accuracy and ROC AUC. Per slide: ``heatmaps/``, ``gallery/`` (PNG),
-``zarr/`` (attention map + sampled level-0 coordinates), ``geojson/`` (QuPath boxes).
+pred_label, n_patches, sampler, attention_mpp, patch_mpp, mpp, mpp_source, runtime_s, error``),
+appended and fsynced slide by slide: rerunning after a kill skips the slides already there, and
+several runs on one ``--out`` share the work (per-slide claims in ``<out>/locks``). A slide
+that cannot be read gets a row with ``error`` set. Per slide: ``heatmaps/``, ``gallery/``,
+``zarr/``, ``geojson/``; per run ``metrics.json`` (with labels) and ``summary.html``.
 """
 
 from __future__ import annotations
@@ -20,51 +16,61 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from ats_wsi.slides.inference import PredictOptions, Predictor, predict_many, records_from_frame
+from ats_wsi.cli import add_mpp_arguments, checkpoint_classes, make_parser, run
+from ats_wsi.slides.inference import PredictOptions, predict_many, records_from_frame
+from ats_wsi.slides.locks import DEFAULT_STALE_AFTER_S
 from ats_wsi.slides.manifest import read_manifest, slides_from_dir
 
+EXAMPLES = (
+    "python -m pipelines.predict_slides --checkpoint runs/demo/ats_best.pt --slides D --out P",
+    "ats-wsi predict --checkpoint ats_best.pt --slides manifest.csv --out preds --mpp 0.25",
+    "ats-wsi predict ... --workers 4          # dask LocalCluster, 4 processes",
+    "ats-wsi predict ... &  ats-wsi predict ...   # two jobs, one folder: each slide once",
+)
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="python -m pipelines.predict_slides", description=__doc__.split("\n")[0]
-    )
+
+def build_parser(prog: str = "python -m pipelines.predict_slides") -> argparse.ArgumentParser:
+    p = make_parser(prog, __doc__, EXAMPLES)
     p.add_argument("--checkpoint", required=True, type=Path, help="ats_*.pt from train_slides")
     p.add_argument("--slides", required=True, type=Path, help="folder of slides or manifest CSV")
     p.add_argument("--slide-dir", type=Path, default=None, help="where manifest slides live")
     p.add_argument("--out", required=True, type=Path, help="output folder")
     mode = p.add_mutually_exclusive_group()
-    mode.add_argument(
-        "--topk",
-        dest="sampler",
-        action="store_const",
-        const="topk",
-        help="deterministic: the N most attended cells (default)",
-    )
-    mode.add_argument(
-        "--sample",
-        dest="sampler",
-        action="store_const",
-        const="without_replacement",
-        help="sample N cells (seeded per slide)",
-    )
+    for flag, const, help_ in (
+        ("--topk", "topk", "deterministic: the N most attended cells (default)"),
+        ("--sample", "without_replacement", "sample N cells (seeded per slide)"),
+    ):
+        mode.add_argument(flag, dest="sampler", action="store_const", const=const, help=help_)
     p.set_defaults(sampler="topk")
     p.add_argument("--n-patches", type=int, default=None, help="default: the checkpoint's")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--workers", type=int, default=0, help="dask LocalCluster workers (0: local)")
-    p.add_argument("--threads", action="store_true", help="LocalCluster workers as threads")
-    p.add_argument("--scheduler-address", default=None, help="existing dask scheduler")
-    p.add_argument("--retry-errors", action="store_true", help="redo slides with an error row")
-    p.add_argument("--no-heatmaps", action="store_true")
-    p.add_argument("--no-gallery", action="store_true")
-    p.add_argument("--no-zarr", action="store_true")
-    p.add_argument("--geojson", action="store_true", help="also write QuPath GeoJSON boxes")
-    return p.parse_args(argv)
+    add_mpp_arguments(p)
+    jobs = p.add_argument_group("scale-out")
+    jobs.add_argument("--workers", type=int, default=0, help="dask LocalCluster workers")
+    jobs.add_argument("--threads", action="store_true", help="LocalCluster workers as threads")
+    jobs.add_argument("--scheduler-address", default=None, help="existing dask scheduler")
+    jobs.add_argument("--retry-errors", action="store_true", help="redo slides with an error")
+    jobs.add_argument(
+        "--lock-timeout",
+        type=float,
+        default=DEFAULT_STALE_AFTER_S,
+        metavar="S",
+        help="a claim without heartbeat for S seconds is taken over (default %(default)s)",
+    )
+    jobs.add_argument(
+        "--clear-stale-locks", action="store_true", help="remove dead jobs' claims first"
+    )
+    outs = p.add_argument_group("outputs")
+    for name in ("heatmaps", "gallery", "zarr"):
+        outs.add_argument(f"--no-{name}", action="store_true", help=f"skip {name}/")
+    outs.add_argument("--geojson", action="store_true", help="QuPath GeoJSON of the patches")
+    outs.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    classes = Predictor.load(args.checkpoint).classes
+def _run(args: argparse.Namespace) -> int:
+    classes = checkpoint_classes(args.checkpoint)
     if args.slides.is_dir():
         df = slides_from_dir(args.slides)
     else:
@@ -73,6 +79,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     options = PredictOptions(
         sampler=args.sampler,
+        mpp=args.mpp,
+        mpp_override=args.mpp_override,
         n_patches=args.n_patches,
         seed=args.seed,
         heatmaps=not args.no_heatmaps,
@@ -91,12 +99,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         workers=args.workers,
         scheduler_address=args.scheduler_address,
         processes=not args.threads,
-        on_row=lambda r: print(
-            f"{r['slide_id']}: {r.get('pred_label') or r.get('error')}", flush=True
-        ),
+        progress=False if args.no_progress else None,
+        lock_timeout_s=args.lock_timeout,
+        clear_stale_locks=args.clear_stale_locks,
     )
     print(json.dumps({k: summary.get(k) for k in ("n", "n_errors", "accuracy", "auc")}))
     return 0
+
+
+def main(
+    argv: Sequence[str] | None = None, prog: str = "python -m pipelines.predict_slides"
+) -> int:
+    """Run the command line; returns the exit status."""
+    return run(_run, build_parser(prog), argv)
 
 
 if __name__ == "__main__":

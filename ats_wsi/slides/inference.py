@@ -32,6 +32,7 @@ from ats_wsi.slides.export import (
 )
 from ats_wsi.slides.locks import DEFAULT_STALE_AFTER_S, SlideClaims
 from ats_wsi.slides.manifest import record_mpp
+from ats_wsi.slides.progress import progress_bar
 
 __all__ = [
     "PredictOptions",
@@ -418,13 +419,3 @@ def records_from_frame(df: Any) -> list[dict[str, Any]]:
         if c in df.columns
     ]
     return [{c: r[c] for c in cols} for r in df.to_dict("records")]
-
-
-def progress_bar(total: int, desc: str, enabled: bool | None = None) -> Any:
-    """A tqdm bar counting slides (slides/s, ETA); ``enabled`` None: only on a terminal."""
-    import sys
-
-    from tqdm.auto import tqdm
-
-    disable = (not sys.stderr.isatty()) if enabled is None else not enabled
-    return tqdm(total=total, desc=desc, unit="slide", disable=disable, dynamic_ncols=True)

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ats_wsi.io import open_slide
+from ats_wsi.io import MissingResolutionError, open_slide
 from ats_wsi.io.synthetic import halve
 from pipelines.convert_slide import main
 
@@ -40,16 +40,35 @@ def test_round_trip_svs(cmu_svs: Path, tmp_path: Path, ngff: str) -> None:
         np.testing.assert_array_equal(z.read_region((0, 0), 1, (1110, 1483)), halve(level0))
 
 
-def test_refuses_to_overwrite_and_needs_mpp(
+def test_refuses_to_overwrite_and_converts_without_mpp(
     cmu_svs: Path, make_pyramid, tmp_path: Path, capsys
 ) -> None:
     dst = tmp_path / "out.zarr"
     assert main([str(cmu_svs), str(dst), "--levels", "1"]) == 0
     assert main([str(cmu_svs), str(dst), "--levels", "1"]) == 1
+    err = capsys.readouterr().err
+    assert "error:" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert main([str(cmu_svs), str(dst), "--levels", "1", "--overwrite"]) == 0
+    # A pyramid without any resolution converts in pixel units...
     nores = make_pyramid("nores.tif", shape=(300, 400), mpp=None)
-    assert main([str(nores), str(tmp_path / "n.zarr")]) == 1
-    assert "nores.tif" in capsys.readouterr().err
+    assert main([str(nores), str(tmp_path / "px.zarr")]) == 0
+    assert "pixel units" in capsys.readouterr().out
+    meta = json.loads((tmp_path / "px.zarr" / "zarr.json").read_text())["attributes"]["ome"]
+    axes = meta["multiscales"][0]["axes"]
+    assert all("unit" not in a for a in axes)
+    with pytest.raises(MissingResolutionError, match="px.zarr"):
+        open_slide(tmp_path / "px.zarr")  # ...which a reader then asks an mpp for
+    with open_slide(tmp_path / "px.zarr", mpp=0.5) as z, open_slide(nores, mpp=0.5) as src:
+        np.testing.assert_array_equal(z.read_region((0, 0), 0, (400, 300)),
+                                      src.read_region((0, 0), 0, (400, 300)))  # fmt: skip
+    # ...and --mpp fills in a missing resolution but does not replace one, unless overridden.
     assert main([str(nores), str(tmp_path / "n.zarr"), "--mpp", "0.25"]) == 0
     with open_slide(tmp_path / "n.zarr") as z:
         assert z.mpp == (0.25, 0.25)
+    assert main([str(cmu_svs), str(tmp_path / "m.zarr"), "--levels", "1", "--mpp", "2"]) == 0
+    with open_slide(tmp_path / "m.zarr") as z:
+        assert z.mpp == pytest.approx((0.499, 0.499))
+    argv = [str(cmu_svs), str(tmp_path / "o.zarr"), "--levels", "1", "--mpp", "2"]
+    assert main([*argv, "--mpp-override"]) == 0
+    with open_slide(tmp_path / "o.zarr") as z:
+        assert z.mpp == (2.0, 2.0)
