@@ -84,10 +84,13 @@ class ATSModel(nn.Module):
         sampler: ``with_replacement``, ``without_replacement`` or ``topk``; also selects the
             estimator of the same name.
         smoothing: eps of the attention smoothing ``(1 - eps) a + eps / K``.
-        baseline_momentum: momentum of the running mean of past estimates used as the
-            estimators' control variate (see :mod:`ats_wsi.estimators`); ``None`` disables it.
-            The running mean is updated after the current estimate, so it never depends on the
-            current draws and the gradients stay exactly unbiased.
+        baseline_momentum: momentum of the running mean of past estimates (one vector for all
+            samples) used as the estimators' control variate (see :mod:`ats_wsi.estimators`);
+            ``None`` disables it. The running mean is updated after the current estimate, so it
+            never depends on the current draws and the gradients stay exactly unbiased. On by
+            default because, measured exactly (docs/estimators.md), a dataset-wide mean feature
+            cut the summed logit-gradient variance of 40 problems with non-negative features to
+            0.14-0.20x, though it raised the variance of 20 % of them.
         in_channels: image channels the nets take (the first ``in_channels`` of a view are used
             by front ends that read RGB slides).
         input_mean, input_std: per-channel (or scalar) normalisation ``(x - mean) / std`` applied
