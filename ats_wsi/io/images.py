@@ -156,8 +156,10 @@ class ImageReader(BaseSlideReader):
         path: the image.
         mpp: level-0 microns per pixel (plain images usually have none).
         objective_power: used as mpp = 10 / power when ``mpp`` is not given.
-        max_decoded_pixels: limit for images decoded whole.
-        max_unpyramidal_pixels: limit for chunked TIFFs without a pyramid.
+        max_decoded_pixels: limit for images decoded whole (default
+            :data:`MAX_DECODED_PIXELS`).
+        max_unpyramidal_pixels: limit for chunked TIFFs without a pyramid (default
+            :data:`MAX_UNPYRAMIDAL_PIXELS`).
 
     Raises:
         UnsupportedSlideError: not a TIFF, PNG or JPEG, or not 8-bit.
@@ -172,12 +174,13 @@ class ImageReader(BaseSlideReader):
         mpp: float | tuple[float, float] | None = None,
         objective_power: float | None = None,
         *,
-        max_decoded_pixels: int = MAX_DECODED_PIXELS,
-        max_unpyramidal_pixels: int = MAX_UNPYRAMIDAL_PIXELS,
+        max_decoded_pixels: int | None = None,
+        max_unpyramidal_pixels: int | None = None,
     ) -> None:
         self.path = _existing(path)
-        self._max_decoded = max_decoded_pixels
-        self._max_unpyramidal = max_unpyramidal_pixels
+        # Looked up at call time so that the module limits can be changed for a whole run.
+        self._max_decoded = max_decoded_pixels or MAX_DECODED_PIXELS
+        self._max_unpyramidal = max_unpyramidal_pixels or MAX_UNPYRAMIDAL_PIXELS
         # zarr-over-tifffile shares one file handle; patch reads come from several threads.
         self._lock = threading.Lock()
         self._tif: Any = None

@@ -8,7 +8,15 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from ats_wsi.slides.manifest import ManifestError, make_splits, read_manifest, slides_from_dir
+from ats_wsi.io.readers import slide_key
+from ats_wsi.slides.manifest import (
+    ManifestError,
+    make_splits,
+    mpp_spec,
+    read_manifest,
+    record_mpp,
+    slides_from_dir,
+)
 
 
 def write(tmp_path: Path, text: str, name: str = "m.csv") -> Path:
@@ -28,6 +36,10 @@ def write(tmp_path: Path, text: str, name: str = "m.csv") -> Path:
         ("case_id,slide_id,label\nc1,,tumor\n", 2, "empty slide_id"),
         ("case_id,slide_id,label\nc1,s1\n", 2, "2 fields"),
         ("case_id,slide_id,label,split\nc1,s1,tumor,dev\n", 2, "unknown split 'dev'"),
+        ("case_id,slide_id,label,mpp\nc1,s1,tumor,0.25\nc2,s2,tumor,-1\n", 3, "mpp '-1'"),
+        ("case_id,slide_id,label,mpp\nc1,s1,tumor,abc\n", 2, "not a positive number"),
+        ("case_id,slide_id,label,magnification\nc1,s1,tumor,0\n", 2, "magnification '0'"),
+        ("label,case_id\ntumor,c1\n", 1, "missing column(s) slide_id"),
     ],
 )
 def test_malformed_manifest_names_file_line_and_problem(
@@ -61,6 +73,29 @@ def test_slides_found_by_id_and_by_path(tmp_path: Path) -> None:
     assert df.path[0] == str(tmp_path / "slides" / "a.svs")
     assert df.path[1] == str(tmp_path / "elsewhere.tif")
     assert df.path[2] == ""  # not found: left to the caller (error row / training error)
+
+
+def test_mpp_and_magnification_columns(tmp_path: Path) -> None:
+    for name in ("a", "b", "c"):
+        (tmp_path / f"{name}.svs").write_bytes(b"x")
+    p = write(
+        tmp_path,
+        "case_id,slide_id,label,mpp,magnification\n"
+        "c1,a,tumor,0.25,\nc1,b,normal,,20\nc2,c,normal,,\n",
+    )
+    df = read_manifest(p)
+    assert df.mpp[0] == 0.25 and np.isnan(df.mpp[1]) and df.magnification[1] == 20
+    got = [record_mpp(r) for r in df.to_dict("records")]
+    assert got == [0.25, 0.5, None]  # magnification 20 -> 10 / 20 um/px
+    spec = mpp_spec(df, default=1.0)
+    assert spec.user_value(tmp_path / "a.svs") == (0.25, "manifest")
+    assert spec.user_value(tmp_path / "b.svs") == (0.5, "manifest")
+    assert spec.user_value(tmp_path / "c.svs") == (1.0, "cli")
+    assert dict(spec.per_slide) == {slide_key(tmp_path / "a.svs"): 0.25,
+                                    slide_key(tmp_path / "b.svs"): 0.5}  # fmt: skip
+    # Manifests without the columns still have them (NaN), so callers need not check.
+    plain = read_manifest(write(tmp_path, "case_id,slide_id,label\nc1,a,tumor\n", "p.csv"))
+    assert np.isnan(plain.mpp[0]) and record_mpp(plain.iloc[0].to_dict()) is None
 
 
 def test_unlabelled_manifest_for_inference(tmp_path: Path) -> None:
