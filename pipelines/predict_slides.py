@@ -103,7 +103,8 @@ def _run(args: argparse.Namespace) -> int:
         lock_timeout_s=args.lock_timeout,
         clear_stale_locks=args.clear_stale_locks,
     )
-    print(json.dumps({k: summary.get(k) for k in ("n", "n_errors", "accuracy", "auc")}))
+    keys = ("n", "n_errors", "accuracy", "auc", "predicted_here")
+    print(json.dumps({k: summary.get(k) for k in keys}))
     return 0
 
 

@@ -306,7 +306,11 @@ def predict_many(
         bar.refresh()
         return False
 
+    predicted = 0
+
     def emit(row: dict[str, Any]) -> None:
+        nonlocal predicted
+        predicted += 1
         written = table.write_new(row)
         claims.release(str(row["slide_id"]))
         bar.update(1)
@@ -339,6 +343,7 @@ def predict_many(
     rows = [r for sid, r in table.done.items() if sid in wanted]
     summary = summarise_predictions(rows, classes)
     summary.update(options=asdict(options), checkpoint=checkpoint, classes=list(classes))
+    summary["predicted_here"] = predicted  # by this job; other jobs may have done the rest
     if summary.get("n"):
         (out / "metrics.json").write_text(json.dumps(summary, indent=1))
     return summary

@@ -17,6 +17,7 @@ import os
 import socket
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from os import PathLike
 from pathlib import Path
@@ -83,6 +84,8 @@ class SlideClaims:
         self.stale_after_s = float(stale_after_s)
         self.heartbeat_s = heartbeat_s if heartbeat_s is not None else min(30.0, stale_after_s / 10)
         self.host = socket.gethostname()
+        # Written into every claim so that a job never deletes a claim taken over from it.
+        self.token = uuid.uuid4().hex
         self.held: dict[str, Path] = {}
         self._mutex = threading.Lock()
         self._stop = threading.Event()
@@ -98,7 +101,13 @@ class SlideClaims:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         except FileExistsError:
             return False
-        info = {"slide_id": slide_id, "host": self.host, "pid": os.getpid(), "time": time.time()}
+        info = {
+            "slide_id": slide_id,
+            "host": self.host,
+            "pid": os.getpid(),
+            "token": self.token,
+            "time": time.time(),
+        }
         with os.fdopen(fd, "w") as fh:
             json.dump(info, fh)
         with self._mutex:
@@ -146,11 +155,16 @@ class SlideClaims:
                 self.path(slide_id).unlink()
             return self._create(slide_id)
 
+    def owns(self, slide_id: str) -> bool:
+        """Whether the claim file of ``slide_id`` is this job's (not taken over since)."""
+        owner = self.owner(slide_id)
+        return owner is not None and owner.get("token") == self.token
+
     def release(self, slide_id: str) -> None:
-        """Delete the claim (only if this job holds it)."""
+        """Delete the claim if this job still holds it."""
         with self._mutex:
             path = self.held.pop(slide_id, None)
-        if path is not None:
+        if path is not None and self.owns(slide_id):
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
 
@@ -191,10 +205,11 @@ class SlideClaims:
     def _beat(self) -> None:
         while not self._stop.wait(self.heartbeat_s):
             with self._mutex:
-                paths = list(self.held.values())
-            for path in paths:
-                with contextlib.suppress(FileNotFoundError):
-                    os.utime(path)
+                held = list(self.held.items())
+            for slide_id, path in held:
+                if self.owns(slide_id):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.utime(path)
 
     def __enter__(self) -> SlideClaims:
         return self

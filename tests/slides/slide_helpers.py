@@ -1,0 +1,33 @@
+"""Helpers for the slide tests: a checkpoint without training, CSV rows."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ats_wsi.checkpoint import save_checkpoint
+from ats_wsi.slides.engine import build_model
+from ats_wsi.slides.trainer import default_config
+
+CLASSES = ["normal", "tumor"]
+
+
+def untrained_checkpoint(path: Path, **slides: Any) -> Path:
+    """A seeded, untrained model of the default slide config (4 patches, narrow feature
+    net) saved as a training checkpoint: prediction plumbing needs no trained weights."""
+    torch.manual_seed(0)
+    cfg = default_config()
+    cfg["model"]["n_patches"] = 4
+    cfg["model"]["feature_net"] = {"name": "histology", "width": 4}
+    cfg["slides"].update(slides)
+    model = build_model(cfg["model"], len(CLASSES), cfg["slides"]["patch_size"])
+    return save_checkpoint(path, model=model, epoch=1, config=cfg, extra={"classes": CLASSES})
+
+
+def rows(path: Path) -> list[dict[str, str]]:
+    """The rows of a CSV as dicts."""
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
