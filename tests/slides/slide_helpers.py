@@ -31,3 +31,15 @@ def rows(path: Path) -> list[dict[str, str]]:
     """The rows of a CSV as dicts."""
     with open(path, newline="") as fh:
         return list(csv.DictReader(fh))
+
+
+SLIDES_DIR = Path(__file__).parents[2].parent / "shared" / "data" / "slides"
+
+
+def shared_slides() -> Path:
+    """The shared real-slide folder (the test is skipped without it)."""
+    import pytest
+
+    if not SLIDES_DIR.is_dir():
+        pytest.skip(f"shared slide fixtures not found at {SLIDES_DIR}")
+    return SLIDES_DIR
