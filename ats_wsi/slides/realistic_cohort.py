@@ -95,12 +95,12 @@ class CohortConfig:
         workers: slides generated in parallel (processes).
     """
 
-    n_cases: int = 40
+    n_cases: int = 36
     slides_per_case: tuple[int, int] = (1, 2)
     positive_fraction: float = 0.4
     size: tuple[int, int] = (8192, 9216)
     mpp: float = 0.5
-    tissue_fraction: tuple[float, float] = (0.25, 0.4)
+    tissue_fraction: tuple[float, float] = (0.2, 0.35)
     lesion_diameter_um: tuple[float, float] = (60.0, 1000.0)
     lesions_per_positive: tuple[int, int] = (1, 3)
     skin_fraction: float = 0.65

@@ -1,0 +1,131 @@
+"""The cohort benchmark: MIL heads, the tile-grid attention, the feature memo, the metrics;
+``--quick`` end to end (slow)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ats_wsi.benchmarks import cohort as bc
+from ats_wsi.mil import GatedAttentionMIL, MeanPoolMIL, fit_mil, predict_mil
+
+
+def _bags(n_bags: int, size: int, seed: int) -> tuple[list[torch.Tensor], list[int]]:
+    """Bags of noise; a positive bag holds ONE instance shifted along dimension 0."""
+    g = torch.Generator().manual_seed(seed)
+    bags, labels = [], []
+    for i in range(n_bags):
+        bag = torch.randn(size, 8, generator=g)
+        y = i % 2
+        if y:
+            bag[int(torch.randint(size, (1,), generator=g))] += torch.tensor([6.0] + [0.0] * 7)
+        bags.append(bag)
+        labels.append(y)
+    return bags, labels
+
+
+def test_abmil_attention_is_a_distribution_and_order_free() -> None:
+    torch.manual_seed(0)
+    model = GatedAttentionMIL(8, hidden=16, attention_dim=8).eval()
+    bag = torch.randn(30, 8)
+    out = model(bag)
+    assert out.logits.shape == (1, 2)
+    assert torch.allclose(out.attention.sum(), torch.tensor(1.0))
+    perm = torch.randperm(30)
+    again = model(bag[perm])
+    assert torch.allclose(again.logits, out.logits, atol=1e-6)
+    assert torch.allclose(again.attention, out.attention[perm], atol=1e-6)
+    mean = MeanPoolMIL(8)(bag)
+    assert torch.allclose(mean.attention, torch.full((30,), 1 / 30))
+
+
+def test_abmil_finds_one_positive_instance_mean_pooling_does_not() -> None:
+    train, y_train = _bags(60, 64, 0)
+    test, y_test = _bags(40, 64, 1)
+    accs = {}
+    for name, model, lr in (
+        ("abmil", GatedAttentionMIL(8, hidden=16, attention_dim=8, dropout=0.0), 5e-3),
+        ("mean", MeanPoolMIL(8), 5e-2),
+    ):
+        torch.manual_seed(0)
+        fit_mil(model, train, y_train, epochs=15, lr=lr, seed=0)
+        probs, att = predict_mil(model, test)
+        accs[name] = float(((probs[:, 1] > 0.5) == np.array(y_test)).mean())
+        if name == "abmil":
+            # Attention peaks on the shifted instance of positive bags.
+            peaks = [int(a.argmax()) for a, y in zip(att, y_test, strict=True) if y]
+            shifted = [int(b[:, 0].argmax()) for b, y in zip(test, y_test, strict=True) if y]
+            assert np.mean(np.array(peaks) == np.array(shifted)) > 0.8
+    assert accs["abmil"] >= 0.9
+    assert accs["mean"] < accs["abmil"] - 0.2
+
+
+def test_tile_grid_cells_are_the_tiles() -> None:
+    from ats_wsi.mapping import GridMapping
+    from ats_wsi.nets import build_attention_net
+
+    bc._register_nets()
+    net = build_attention_net("tile_pool", width=4)
+    view = torch.rand(1, 3, 24, 40)  # a 768 x 1280 px slide at 16 um/px vs 0.5 um/px
+    logits = net(view)
+    assert logits.shape == (1, 1, 3, 5)
+    assert build_attention_net("uniform_tiles")(view).abs().sum() == 0
+    mapping = GridMapping(
+        low_size=(24, 40),
+        high_size=(768, 1280),
+        attention_size=(3, 5),
+        receptive_field=0,
+        patch_size=bc.TILE_PX,
+    )
+    tl = mapping.top_left(torch.arange(15)[None])[0]
+    assert tl.tolist() == [[256 * (i // 5), 256 * (i % 5)] for i in range(15)]
+
+
+def test_content_memo_hits_known_patches_only() -> None:
+    torch.manual_seed(0)
+    enc = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 4))
+    enc.out_dim = 4
+    x = torch.rand(3, 3, 2, 2)
+    memo = bc.ContentMemo(enc, {bc.ContentMemo.digest(x[0]): np.ones(4, np.float16)})
+    out = memo.net(x)
+    assert memo.hits == 1 and memo.misses == 2
+    assert torch.equal(out[0], torch.ones(4))
+    assert torch.allclose(out[1:], enc(x[1:]))
+
+
+def test_bootstrap_ci() -> None:
+    y = [0, 0, 0, 1, 1, 1]
+    perfect = bc.bootstrap_ci(y, [0.1, 0.2, 0.3, 0.7, 0.8, 0.9], n_boot=200)
+    assert perfect["auc"] == 1.0 and perfect["auc_ci"] == [1.0, 1.0]
+    assert perfect["balanced_accuracy"] == 1.0
+    noisy = bc.bootstrap_ci(y, [0.1, 0.8, 0.3, 0.7, 0.2, 0.9], n_boot=200)
+    assert noisy["auc_ci"][0] < noisy["auc"] < noisy["auc_ci"][1] or noisy["auc_ci"][0] == 0
+
+
+@pytest.mark.slow
+def test_quick_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``python -m pipelines.benchmark cohort --quick``: every method runs and is reported."""
+    from ats_wsi import benchmarks
+    from ats_wsi.slides.realistic_cohort import default_source_dir
+    from pipelines.benchmark import main
+
+    if not default_source_dir().is_dir():
+        pytest.skip("shared slide sources not found")
+    monkeypatch.setitem(benchmarks.BENCHMARKS, "cohort", "ats_wsi.benchmarks.cohort")
+    out = tmp_path / "cohort.json"
+    argv = ["cohort", "--quick", "--cache-dir", str(tmp_path / "cache"), "--out", str(out)]
+    assert main([*argv, "--figures", str(tmp_path / "figs")]) == 0
+    payload = json.loads(out.read_text())
+    methods = {r["method"] for r in payload["results"]}
+    assert methods == {"ats", "random", "abmil", "mean", "lowres"}
+    for r in payload["results"]:
+        assert 0.0 <= r["auc"] <= 1.0 and r["peak_rss_mb"] > 0
+    ats = next(r for r in payload["results"] if r["method"] == "ats")
+    assert ats["tiles_per_slide"] == 4 and ats["tile_fraction"] < 1
+    # Training looked every sampled tile up in the extracted features: no encoder forward.
+    assert payload["raw"]["ats_4"]["memo_misses"]["train"] == 0
+    assert (tmp_path / "figs" / "cohort_auc_vs_tiles.png").exists()
