@@ -1,4 +1,5 @@
-"""Device-side Megapixel MNIST: same placements -> the same pixels as the CPU generator.
+"""Device-side Megapixel MNIST: same placements -> the same pixels as the CPU generator;
+the fast training path built on it (ats_wsi.experiments.megapixel_mnist_gpu) on CPU.
 
 Run on CPU: every comparison is exact (``torch.equal``), since the device renderer uses the
 CPU generator's own resized pieces and the same float32 arithmetic.
@@ -6,10 +7,15 @@ CPU generator's own resized pieces and the same float32 arithmetic.
 
 from __future__ import annotations
 
+import json
+import shutil
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
+from ats_wsi.baselines import BaselineCNN
 from ats_wsi.datasets.megapixel_mnist import MegapixelMNIST
 from ats_wsi.datasets.megapixel_mnist_device import (
     DeviceLoader,
@@ -17,7 +23,10 @@ from ats_wsi.datasets.megapixel_mnist_device import (
     PlacementPatchSource,
 )
 from ats_wsi.datasets.mnist import DigitPool
+from ats_wsi.experiments import megapixel_mnist_gpu as gpu
+from ats_wsi.experiments.megapixel_mnist_gpu import FullImageFeatureNet, accelerate_, count_macs
 from ats_wsi.model import ATSModel
+from ats_wsi.nets import build_feature_net
 from ats_wsi.patches import PatchSource, TensorPatchSource
 
 
@@ -167,3 +176,148 @@ def test_subset_and_errors(pool: DigitPool) -> None:
         dev.patch_source([0, 1], 10).extract(torch.zeros(3, 2, 2, dtype=torch.long))
     with pytest.raises(ValueError, match="views"):
         dev.batch([0], views="canvas")
+
+
+# ----------------------------------------------------------------------------- fast path
+
+
+TINY = """\
+seed: 0
+device: cpu
+data:
+  canvas_size: 200
+  n_noise: 4
+  n_train: 32
+  n_test: 16
+  high_dtype: uint8
+model:
+  feature_net_args: {width: 8}
+  n_patches: 4
+  patch_size: 24
+train:
+  epochs: 2
+  batch_size: 16
+  lr: 3.0e-3
+  eval_every: 1
+baselines:
+  low_res_cnn: {width: 8, depth: 2, epochs: 1}
+  full_res_cnn: {width: 8, depth: 3, stem_stride: 2, epochs: 1}
+report:
+  n_figures: 1
+accel:
+  device_data: true
+  amp: bf16
+  channels_last: true
+  compile: true
+  cost_batch_sizes: [2]
+  cost_repeats: 1
+"""
+
+
+def _tiny(tmp_path: Path, text: str = TINY) -> dict:
+    path = tmp_path / "tiny.yaml"
+    path.write_text(text)
+    return gpu.load_config(str(path))
+
+
+def test_accelerate_is_a_noop_on_cpu_and_bf16_when_forced() -> None:
+    torch.manual_seed(0)
+    cnn = BaselineCNN(1, 10, width=8, depth=2)
+    x = torch.rand(3, 1, 40, 40)
+    ref = cnn(x)
+    active = accelerate_(cnn, "cpu", amp="bf16", channels_last=True, compile=True)
+    assert active == {"amp": None, "channels_last": False, "compile": False}
+    assert "forward" not in vars(cnn)  # nothing patched: CPU results stay as they are
+    assert torch.equal(cnn(x), ref)
+    keys = list(cnn.state_dict())
+    active = accelerate_(cnn, "cpu", amp="bf16", channels_last=True, on_cpu=True)
+    assert active["amp"] == "bf16" and active["channels_last"]
+    out = cnn(x)
+    # bf16 keeps ~3 significant digits: the logits move by well under 2 % of their scale,
+    # but they do move (the autocast is really on).
+    assert out.dtype == torch.float32 and list(cnn.state_dict()) == keys
+    err = float((out - ref).abs().max().detach())
+    assert 0 < err < 0.02 * float(ref.abs().max().detach())
+    out.sum().backward()
+    assert cnn.body[0].weight.grad.dtype == torch.float32
+
+
+def test_full_image_feature_net_and_mac_count() -> None:
+    net = build_feature_net("mnist", width=8)
+    full = FullImageFeatureNet(net, 10)
+    x = torch.rand(2, 1, 40, 50)
+    assert full(x).shape == (2, 10)
+    h, w, expected = 40, 50, 0
+    for k, cin in ((7, 1), (3, 8), (3, 8), (3, 8)):  # 'valid' convs of the mnist feature net
+        h, w = h - k + 1, w - k + 1
+        expected += h * w * 8 * cin * k * k
+    assert count_macs(full, lambda: full(x)) == 2 * (expected + 8 * 10)
+
+
+@pytest.fixture(scope="module")
+def fast_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path, dict]:
+    """One tiny run of the fast path on CPU (ATS 2 epochs, both CNNs 1), shared by the tests."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny convs: one thread is fastest on a shared CI machine
+    try:
+        tmp = tmp_path_factory.mktemp("fast")
+        cfg = _tiny(tmp)
+        return cfg, tmp / "run", gpu.run(cfg, tmp / "run", progress=False)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _ats_log(out: Path) -> list[dict]:
+    """The ATS metrics log without its timings."""
+    recs = [json.loads(line) for line in (out / "ats_metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if not k.endswith("_time_s")} for r in recs]
+
+
+def test_fast_run_writes_results(fast_run: tuple[dict, Path, dict]) -> None:
+    _, out, res = fast_run
+    assert res["complete"]
+    assert res["accel"] == {"amp": None, "channels_last": False, "compile": False}  # CPU
+    assert set(res["models"]) == {"ats", "low_res_cnn", "full_res_cnn"}
+    for m in res["models"].values():
+        assert m["train_samples_per_s"] > 0 and 0 <= m["test_error"] <= 1
+    assert [r["epoch"] for r in _ats_log(out)] == [1, 2]
+    costs = {r["model"]: r for r in res["step_costs"]}
+    assert set(costs) == {"ats", "full_image_features", "full_res_cnn", "low_res_cnn"}
+    # The same feature net over the whole 200 px canvas does far more arithmetic than on
+    # 4 patches of 24 px: (194^2 + ...) vs 4 * (18^2 + ...) multiply-adds, > 20x.
+    assert costs["full_image_features"]["forward_gmacs_per_sample_vs_ats"] > 20
+    assert costs["ats"]["train_ms_per_sample"] > 0
+    assert res["models"]["ats"]["cost"][0]["model"] == "ats"
+    for fig in ("figures/test_error.png", "figures/ats_test_00.png", "results.json"):
+        assert (out / fig).stat().st_size > 0
+
+
+def test_fast_run_resumes(
+    fast_run: tuple[dict, Path, dict], tmp_path: Path, one_thread: None
+) -> None:
+    cfg, out, _ = fast_run
+    copy = tmp_path / "run"
+    shutil.copytree(out, copy)
+    first = _ats_log(copy)
+    cfg = json.loads(json.dumps(cfg))
+    cfg["train"]["epochs"] = 3
+    cfg["baselines"]["low_res_cnn"]["epochs"] = 1  # already done: nothing to train
+    res = gpu.run(cfg, copy, resume_run=True, progress=False)
+    log = _ats_log(copy)
+    assert log[:2] == first and [r["epoch"] for r in log] == [1, 2, 3]
+    assert res["models"]["ats"]["epochs_completed"] == 3
+
+
+def test_fast_run_is_deterministic_on_cpu(
+    fast_run: tuple[dict, Path, dict], tmp_path: Path, one_thread: None
+) -> None:
+    cfg, out, _ = fast_run
+    cfg = json.loads(json.dumps(cfg))
+    cfg["baselines"]["low_res_cnn"]["enabled"] = False  # ATS trains first: same log without
+    cfg["baselines"]["full_res_cnn"]["enabled"] = False
+    cfg["accel"]["cost_sizes"], cfg["accel"]["cost_batch_sizes"] = [100], [1]
+    gpu.run(cfg, tmp_path / "again", progress=False)
+    again = _ats_log(tmp_path / "again")
+    assert again == _ats_log(out) and again[0]["train_loss"] > 0

@@ -131,8 +131,12 @@ class DeviceMegapixelMNIST:
         digits_f = ds.pool.images.astype(np.float32) / 255.0
         high_f = np.concatenate([digits_f, ds.patterns.astype(np.float32)])
         high_u8 = np.concatenate([ds.pool.images, ds.patterns.astype(np.uint8)])
-        # Resized once per pool item, with the CPU generator's own resize: bit-identical pieces.
-        low_digits = np.stack([_resize(img, ds._low_side) for img in digits_f])
+        # Resized once per pool item, with the CPU generator's own resize: bit-identical pieces
+        # (only the digits some item uses; the others stay zero and are never read).
+        side = ds._low_side
+        low_digits = np.zeros((n_pool, side, side), np.float32)
+        for k in np.unique(bank[bank < n_pool]):
+            low_digits[k] = _resize(digits_f[k], side)
         low_bank = np.concatenate([low_digits, ds._low_patterns]).astype(np.float32)
 
         dev = self.device
