@@ -64,7 +64,8 @@ def build_parser(prog: str = "python -m pipelines.predict_slides") -> argparse.A
     outs = p.add_argument_group("outputs")
     for name in ("heatmaps", "gallery", "zarr"):
         outs.add_argument(f"--no-{name}", action="store_true", help=f"skip {name}/")
-    outs.add_argument("--geojson", action="store_true", help="QuPath GeoJSON of the patches")
+    outs.add_argument("--geojson", action="store_true", help="QuPath GeoJSON: patches, cells")
+    outs.add_argument("--overlay", action="store_true", help="attention as OME-Zarr pyramid")
     outs.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -87,6 +88,7 @@ def _run(args: argparse.Namespace) -> int:
         gallery=not args.no_gallery,
         zarr=not args.no_zarr,
         geojson=args.geojson,
+        overlay=args.overlay,
         device=args.device,
     )
     summary = predict_many(

@@ -314,7 +314,8 @@ def save_geojson(
     """Sampled patch boxes as a GeoJSON FeatureCollection QuPath imports (level-0 pixels).
 
     Each box is a closed Polygon with properties ``objectType: annotation``, a
-    ``classification`` and its ``attention`` and draw ``rank``.
+    ``classification``, its ``attention`` and draw ``rank``, and the same two in QuPath's
+    ``measurements`` map (which QuPath 0.4+ reads into the object's measurement list).
     """
     feats = []
     for rank, ((x, y), s) in enumerate(
@@ -332,6 +333,7 @@ def save_geojson(
                     "classification": {"name": name, "color": [255, 64, 0]},
                     "attention": float(s),
                     "rank": rank,
+                    "measurements": {"attention": float(s), "rank": rank},
                 },
             }
         )

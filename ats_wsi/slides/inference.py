@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from ats_wsi.checkpoint import load_checkpoint
@@ -27,12 +28,20 @@ from ats_wsi.slides.export import (
     prediction_columns,
     save_attention_zarr,
     save_geojson,
-    save_heatmap,
     summarise_predictions,
 )
 from ats_wsi.slides.locks import DEFAULT_STALE_AFTER_S, SlideClaims
 from ats_wsi.slides.manifest import record_mpp
 from ats_wsi.slides.progress import progress_bar
+from ats_wsi.slides.report import (
+    HEATMAP_LONGEST_SIDE,
+    cell_edges,
+    display_mpp,
+    save_attention_heatmap,
+    save_attention_overlay,
+    save_attention_tiles_geojson,
+    write_summary_html,
+)
 
 __all__ = [
     "PredictOptions",
@@ -58,6 +67,7 @@ class PredictOptions:
     sampler: str = "topk"
     mpp: float | None = None
     mpp_override: bool = False
+    overlay: bool = False
     n_patches: int | None = None
     seed: int = 0
     heatmaps: bool = True
@@ -205,8 +215,26 @@ def write_prediction(
         n_patches=len(res.locations_xy),
         **{f"p_{i}": float(p) for i, p in enumerate(res.probs)},
     )
+    rf = int(getattr(pred.model, "receptive_field", 0))
+    edges = cell_edges(res.attention.shape, res.thumbnail.shape[:2], res.dimensions, rf)
     if options.heatmaps:
-        save_heatmap(out / "heatmaps" / f"{slide_id}.png", res.thumbnail, res.attention, res.mask)
+        if reader is not None:
+            image = reader.thumbnail(display_mpp(res.dimensions, res.mpp))
+        else:  # no slide to read from: the attention view, enlarged
+            image = _enlarged(res.thumbnail)
+        p = res.probs
+        save_attention_heatmap(
+            out / "heatmaps" / f"{slide_id}.png",
+            image,
+            res.attention,
+            res.mask,
+            edges,
+            res.dimensions,
+            locations_xy=res.locations_xy,
+            patch_size=res.patch_size_level0,
+            title=f"{slide_id}: {pred.classes[y_hat]} (p={float(p.max()):.2f}), "
+            f"{len(res.locations_xy)} patches",
+        )
     if options.gallery:
         from ats_wsi.viz import save_attention_figure
 
@@ -246,7 +274,27 @@ def write_prediction(
             res.scores,
             res.patch_size_level0,
         )
+        save_attention_tiles_geojson(
+            out / "geojson" / f"{slide_id}.attention.geojson", res.attention, res.mask, edges
+        )
+    if options.overlay:
+        save_attention_overlay(
+            out / "overlay" / f"{slide_id}.ome.zarr",
+            res.attention,
+            res.mask,
+            edges,
+            res.dimensions,
+            res.mpp,
+        )
     return row
+
+
+def _enlarged(image: np.ndarray, longest: int = HEATMAP_LONGEST_SIDE) -> np.ndarray:
+    from PIL import Image
+
+    h, w = image.shape[:2]
+    factor = max(1, longest // max(h, w))
+    return np.asarray(Image.fromarray(image).resize((w * factor, h * factor), Image.NEAREST))
 
 
 def predict_many(
@@ -346,6 +394,10 @@ def predict_many(
     summary["predicted_here"] = predicted  # by this job; other jobs may have done the rest
     if summary.get("n"):
         (out / "metrics.json").write_text(json.dumps(summary, indent=1))
+    order = {sid: i for i, sid in enumerate(str(r["slide_id"]) for r in records)}
+    write_summary_html(
+        out / "summary.html", sorted(rows, key=lambda r: order[r["slide_id"]]), classes
+    )
     return summary
 
 

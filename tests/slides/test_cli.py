@@ -140,6 +140,7 @@ def cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
+@pytest.mark.slow
 def test_mpp_sources_in_rows(checkpoint: Path, cohort: Path, tmp_path: Path) -> None:
     base = ["--checkpoint", str(checkpoint), "--no-gallery", "--no-zarr", "--no-heatmaps"]
     # No --mpp: files without a resolution are error rows saying how to give one.
@@ -221,3 +222,20 @@ def test_train_with_per_slide_mpp(tiny_cohort: Path, tiny_config, tmp_path: Path
     assert table and all(r["error"] == "" and r["mpp"] == "0.5" for r in table)
     for r in table:
         assert r["mpp_source"] == ("manifest" if by_id[r["slide_id"]] == 0.5 else "cli")
+
+
+def test_record_mpp_spec_order() -> None:
+    from ats_wsi.io.readers import MppSpec
+    from ats_wsi.slides.engine import SlideSettings
+    from ats_wsi.slides.inference import PredictOptions, record_mpp_spec
+
+    plain, legacy = SlideSettings(), SlideSettings(slide_mpp=0.3)
+    opts = PredictOptions(mpp=1.0, mpp_override=True)
+    rec = {"slide_id": "s", "path": "/x/s.svs", "mpp": float("nan"), "magnification": 40.0}
+    assert record_mpp_spec(rec, opts, plain) == MppSpec(
+        default=0.25, override=True, default_source="manifest"
+    )
+    assert record_mpp_spec({"slide_id": "s"}, opts, plain) == MppSpec(default=1.0, override=True)
+    # Without any user value, a training config's slide_mpp still overrides, as it did.
+    assert record_mpp_spec({"slide_id": "s"}, PredictOptions(), legacy) == 0.3
+    assert record_mpp_spec({"slide_id": "s"}, PredictOptions(), plain) == MppSpec()
