@@ -483,12 +483,14 @@ class SlideResult:
     dimensions: tuple[int, int]
     mpp: tuple[float, float]
     runtime_s: float
+    features: np.ndarray | None = None  # (N, D) the sampled patches' features
 
     def summary(self) -> dict[str, Any]:
         """Plain-data fields for logs."""
         d = asdict(self)
         for k in ("attention", "mask", "locations_xy", "scores", "patches", "thumbnail", "probs"):
             d.pop(k)
+        d.pop("features")
         return d
 
 
@@ -542,4 +544,5 @@ def predict_slide(
         dimensions=item.dimensions,
         mpp=item.mpp,
         runtime_s=time.perf_counter() - t0,
+        features=out.features[0].float().cpu().numpy(),
     )
