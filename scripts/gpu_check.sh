@@ -52,7 +52,7 @@ fi
 
 # 1. The prepared run (its own time budgets end it; the timeout is a safety net).
 t0=$(date +%s)
-timeout "$RUN_TIMEOUT" "$PY" -m pipelines.megapixel_mnist --config "$CONFIG" \
+timeout "$RUN_TIMEOUT" "$PY" -m ats_wsi.experiments.megapixel_mnist_gpu --config "$CONFIG" \
   --mnist-dir "$MNIST_DIR" --out "$RUN_DIR" --device "$DEVICE" --no-progress "${resume[@]}"
 echo "run: exit $? after $(( $(date +%s) - t0 )) s"
 [ -f "$RUN_DIR/results.json" ] && cp "$RUN_DIR/results.json" "$OUT/"
@@ -67,8 +67,10 @@ for name, m in r["models"].items():
     print(f"{name:<13} epochs {m['epochs_completed']:>3}/{m['epochs_planned']}  "
           f"test error {m['test_error']}  best {m['best_test_error']}  "
           f"train samples/s {m.get('train_samples_per_s', 0):.0f}")
-for row in r.get("step_costs", []):
-    print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()})
+for c in r.get("step_costs", []):
+    print(f"cost {c['canvas']} px B={c['batch']:<3} {c['model']:<20} train "
+          f"{c['train_ms_per_sample']:.3f} ms/sample ({c.get('train_ms_per_sample_vs_ats', 0):.1f}x "
+          f"ATS), peak {c['train_peak_mb_per_sample']:.1f} MB/sample")
 EOF
 
 # 2. Benchmark rows (each capped so the whole check stays inside ~9 minutes).

@@ -321,3 +321,44 @@ def test_fast_run_is_deterministic_on_cpu(
     gpu.run(cfg, tmp_path / "again", progress=False)
     again = _ats_log(tmp_path / "again")
     assert again == _ats_log(out) and again[0]["train_loss"] > 0
+
+
+@pytest.mark.slow
+def test_gpu_check_script_on_cpu_runs_and_resumes(tmp_path: Path) -> None:
+    """scripts/gpu_check.sh end to end on CPU with the tiny config, then again resuming from
+    the archive it wrote: at most 8 files come back, the second call continues the epochs."""
+    import os
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    config = tmp_path / "tiny.yaml"
+    config.write_text(TINY)
+    mnist = repo.parent / "shared" / "data" / "mnist"
+    if not mnist.is_dir():
+        pytest.skip("no MNIST t10k files beside the checkout")
+    env = {
+        **os.environ,
+        "PYTHON": sys.executable,
+        "CONFIG": str(config),
+        "DEVICE": "cpu",
+        "BENCH": "0",
+        "MNIST_DIR": str(mnist),
+        "RUN_DIR": str(tmp_path / "run"),
+        "OMP_NUM_THREADS": "1",
+    }
+    script = repo / "scripts" / "gpu_check.sh"
+    first = tmp_path / "out1"
+    subprocess.run(["bash", str(script)], env={**env, "OUT": str(first)}, check=True, timeout=600)
+    files = sorted(p.name for p in first.iterdir())
+    assert len(files) <= 8 and {"results.json", "run.tar.gz", "gpu_check.log"} <= set(files)
+    res = json.loads((first / "results.json").read_text())
+    assert res["models"]["ats"]["epochs_completed"] == 2 and "t10k" in res["data"]["train_source"]
+    config.write_text(TINY.replace("  epochs: 2\n", "  epochs: 4\n"))
+    second = tmp_path / "out2"
+    env2 = {**env, "OUT": str(second), "RESUME_FROM": str(first / "run.tar.gz")}
+    env2["RUN_DIR"] = str(tmp_path / "run2")
+    subprocess.run(["bash", str(script)], env=env2, check=True, timeout=600)
+    log = [json.loads(x) for x in (second / "ats_metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [1, 2, 3, 4]
+    assert "resuming from" in (second / "gpu_check.log").read_text()
