@@ -301,3 +301,6 @@ def histology_features(in_channels: int = 3, width: int = 16) -> FeatureNet:
         GlobalAvgPool(),
         out_dim=2 * width,
     )
+
+
+from ats_wsi import encoders as _encoders  # noqa: E402, F401  (registers the "timm" feature net)
