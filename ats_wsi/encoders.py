@@ -39,8 +39,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ats_wsi.nets import FEATURE_NETS, register_feature_net
-
 __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
@@ -1052,10 +1050,6 @@ def _check_hf_config(path: Path, preset: EncoderPreset | None, model: nn.Module)
             f"{str(cfg_file)!r} describes another model than preset {preset.name!r}: "
             + ", ".join(bad)
         )
-
-
-if "timm" not in FEATURE_NETS:  # idempotent: ``python -m ats_wsi.encoders`` imports it twice
-    register_feature_net("timm")(build_timm_encoder)
 
 
 # ----------------------------------------------------------------------------- training helpers

@@ -303,4 +303,10 @@ def histology_features(in_channels: int = 3, width: int = 16) -> FeatureNet:
     )
 
 
-from ats_wsi import encoders as _encoders  # noqa: E402, F401  (registers the "timm" feature net)
+@register_feature_net("timm")
+def timm_features(**kwargs: Any) -> nn.Module:
+    """A pretrained timm encoder from local weights (:func:`ats_wsi.encoders.build_timm_encoder`;
+    imported on use, so plain nets do not pay for timm)."""
+    from ats_wsi.encoders import build_timm_encoder
+
+    return build_timm_encoder(**kwargs)

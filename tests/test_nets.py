@@ -29,6 +29,7 @@ FEATURE_CASES = [
     ("mnist", 1, 16, 32),
     ("sts_resnet", 3, 32, 32),
     ("histology", 3, 32, 32),
+    ("timm", 3, 32, 1280),  # ats_wsi.encoders: the bundled EfficientNet-Lite0
 ]
 
 
