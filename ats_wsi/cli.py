@@ -19,11 +19,14 @@ from typing import Any
 __all__ = [
     "COMMANDS",
     "CLIError",
+    "add_job_arguments",
     "add_mpp_arguments",
+    "add_output_arguments",
     "checkpoint_classes",
     "main",
     "make_parser",
     "one_line",
+    "output_options",
     "run",
 ]
 
@@ -92,6 +95,50 @@ def add_mpp_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="use the manifest's mpp / magnification, else --mpp, even where the file has one",
     )
+
+
+def add_job_arguments(parser: argparse.ArgumentParser) -> None:
+    """Scale-out and shared-folder options of ``predict``."""
+    from ats_wsi.slides.locks import DEFAULT_STALE_AFTER_S
+
+    jobs = parser.add_argument_group("scale-out")
+    jobs.add_argument("--workers", type=int, default=0, help="dask LocalCluster workers")
+    jobs.add_argument("--threads", action="store_true", help="LocalCluster workers as threads")
+    jobs.add_argument("--scheduler-address", default=None, help="existing dask scheduler")
+    jobs.add_argument("--retry-errors", action="store_true", help="redo slides with an error")
+    jobs.add_argument(
+        "--lock-timeout",
+        type=float,
+        default=DEFAULT_STALE_AFTER_S,
+        metavar="S",
+        help="a claim without heartbeat for S seconds is taken over (default %(default)s)",
+    )
+    jobs.add_argument(
+        "--clear-stale-locks", action="store_true", help="remove dead jobs' claims first"
+    )
+
+
+def add_output_arguments(parser: argparse.ArgumentParser) -> None:
+    """What ``predict`` writes per slide besides its CSV row."""
+    outs = parser.add_argument_group("outputs")
+    for name in ("heatmaps", "gallery", "zarr"):
+        outs.add_argument(f"--no-{name}", action="store_true", help=f"skip {name}/")
+    outs.add_argument("--geojson", action="store_true", help="QuPath GeoJSON: patches, cells")
+    outs.add_argument("--overlay", action="store_true", help="attention as OME-Zarr pyramid")
+    outs.add_argument("--h5", choices=("trident", "clam"), help="sampled patches as h5/<id>.h5")
+    outs.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def output_options(args: argparse.Namespace) -> dict[str, Any]:
+    """``PredictOptions`` fields from the :func:`add_output_arguments` flags."""
+    return {
+        "heatmaps": not args.no_heatmaps,
+        "gallery": not args.no_gallery,
+        "zarr": not args.no_zarr,
+        "geojson": args.geojson,
+        "overlay": args.overlay,
+        "h5": args.h5,
+    }
 
 
 def _positive_float(text: str) -> float:

@@ -16,9 +16,16 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from ats_wsi.cli import add_mpp_arguments, checkpoint_classes, make_parser, run
+from ats_wsi.cli import (
+    add_job_arguments,
+    add_mpp_arguments,
+    add_output_arguments,
+    checkpoint_classes,
+    make_parser,
+    output_options,
+    run,
+)
 from ats_wsi.slides.inference import PredictOptions, predict_many, records_from_frame
-from ats_wsi.slides.locks import DEFAULT_STALE_AFTER_S
 from ats_wsi.slides.manifest import read_manifest, slides_from_dir
 
 EXAMPLES = (
@@ -46,27 +53,9 @@ def build_parser(prog: str = "python -m pipelines.predict_slides") -> argparse.A
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     add_mpp_arguments(p)
-    jobs = p.add_argument_group("scale-out")
-    jobs.add_argument("--workers", type=int, default=0, help="dask LocalCluster workers")
-    jobs.add_argument("--threads", action="store_true", help="LocalCluster workers as threads")
-    jobs.add_argument("--scheduler-address", default=None, help="existing dask scheduler")
-    jobs.add_argument("--retry-errors", action="store_true", help="redo slides with an error")
-    jobs.add_argument(
-        "--lock-timeout",
-        type=float,
-        default=DEFAULT_STALE_AFTER_S,
-        metavar="S",
-        help="a claim without heartbeat for S seconds is taken over (default %(default)s)",
-    )
-    jobs.add_argument(
-        "--clear-stale-locks", action="store_true", help="remove dead jobs' claims first"
-    )
-    outs = p.add_argument_group("outputs")
-    for name in ("heatmaps", "gallery", "zarr"):
-        outs.add_argument(f"--no-{name}", action="store_true", help=f"skip {name}/")
-    outs.add_argument("--geojson", action="store_true", help="QuPath GeoJSON: patches, cells")
-    outs.add_argument("--overlay", action="store_true", help="attention as OME-Zarr pyramid")
-    outs.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_job_arguments(p)
+    add_output_arguments(p)
+    p.add_argument("--tiles", type=Path, help="TRIDENT/CLAM coords h5 folder: their tissue tiles")
     return p
 
 
@@ -84,12 +73,9 @@ def _run(args: argparse.Namespace) -> int:
         mpp_override=args.mpp_override,
         n_patches=args.n_patches,
         seed=args.seed,
-        heatmaps=not args.no_heatmaps,
-        gallery=not args.no_gallery,
-        zarr=not args.no_zarr,
-        geojson=args.geojson,
-        overlay=args.overlay,
+        tiles_dir=str(args.tiles) if args.tiles else None,
         device=args.device,
+        **output_options(args),
     )
     summary = predict_many(
         records_from_frame(df),

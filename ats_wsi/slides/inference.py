@@ -68,6 +68,8 @@ class PredictOptions:
     mpp: float | None = None
     mpp_override: bool = False
     overlay: bool = False
+    h5: str | None = None
+    tiles_dir: str | None = None
     n_patches: int | None = None
     seed: int = 0
     heatmaps: bool = True
@@ -143,11 +145,15 @@ def predict_record(
         if not record.get("path"):
             raise FileNotFoundError(f"slide {row['slide_id']!r} not found (no file for it)")
         spec = record_mpp_spec(record, options, pred.settings)
+        settings, item = pred.settings, None
         with open_slide(str(record["path"]), pred.settings.backend, spec) as reader:
+            if options.tiles_dir:
+                settings, item = _tiles_item(reader, row["slide_id"], options.tiles_dir, settings)
             res = predict_slide(
                 pred.model,
                 reader,
-                pred.settings,
+                settings,
+                item=item,
                 device=options.device,
                 sampler=options.sampler,
                 n_patches=options.n_patches,
@@ -159,6 +165,27 @@ def predict_record(
         row["error"] = f"{type(e).__name__}: {e}".replace("\n", " ")
     row["runtime_s"] = round(time.perf_counter() - t0, 4)
     return row
+
+
+def _tiles_item(
+    reader: SlideReader, slide_id: str, tiles_dir: str, settings: SlideSettings
+) -> tuple[SlideSettings, Any]:
+    """The slide's view with the tiles of its TRIDENT / CLAM coords h5 as the tissue mask."""
+    from ats_wsi.slides.interop import find_patch_h5, read_patch_coords, tiles_to_view_mask
+
+    path = find_patch_h5(tiles_dir, slide_id)
+    if path is None:
+        raise FileNotFoundError(
+            f"{tiles_dir}: no {slide_id}.h5 or {slide_id}_patches.h5 for slide {slide_id!r}"
+        )
+    tiles = read_patch_coords(path)
+    item = replace(settings.loader(), tissue=False).read(reader)
+    mask = tiles_to_view_mask(
+        tiles.coords_xy, tiles.patch_size_level0, item.image.shape[:2], item.dimensions
+    )
+    if settings.min_tissue <= 0:
+        settings = replace(settings, min_tissue=1e-9)  # any tile in a cell counts
+    return settings, replace(item, mask=mask)
 
 
 def record_mpp_spec(
@@ -276,6 +303,22 @@ def write_prediction(
         )
         save_attention_tiles_geojson(
             out / "geojson" / f"{slide_id}.attention.geojson", res.attention, res.mask, edges
+        )
+    if options.h5:
+        from ats_wsi.slides.interop import write_patch_h5
+
+        write_patch_h5(
+            out / "h5" / f"{slide_id}.h5",
+            res.locations_xy,
+            patch_size=settings.patch_size,
+            patch_size_level0=res.patch_size_level0,
+            level0_mpp=float(res.mpp[0]),
+            patch_mpp=settings.patch_mpp,
+            name=slide_id,
+            dimensions=res.dimensions,
+            features=res.features,
+            attention=res.scores,
+            layout=options.h5,  # type: ignore[arg-type] - checked by write_patch_h5
         )
     if options.overlay:
         save_attention_overlay(
