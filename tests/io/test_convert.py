@@ -59,8 +59,9 @@ def test_refuses_to_overwrite_and_converts_without_mpp(
     with pytest.raises(MissingResolutionError, match="px.zarr"):
         open_slide(tmp_path / "px.zarr")  # ...which a reader then asks an mpp for
     with open_slide(tmp_path / "px.zarr", mpp=0.5) as z, open_slide(nores, mpp=0.5) as src:
-        np.testing.assert_array_equal(z.read_region((0, 0), 0, (400, 300)),
-                                      src.read_region((0, 0), 0, (400, 300)))  # fmt: skip
+        np.testing.assert_array_equal(
+            z.read_region((0, 0), 0, (400, 300)), src.read_region((0, 0), 0, (400, 300))
+        )
     # ...and --mpp fills in a missing resolution but does not replace one, unless overridden.
     assert main([str(nores), str(tmp_path / "n.zarr"), "--mpp", "0.25"]) == 0
     with open_slide(tmp_path / "n.zarr") as z:

@@ -106,19 +106,22 @@ def test_real_plain_images(slides_dir: Path, tcga_image: np.ndarray, tmp_path: P
     jpeg = tmp_path / "t.jpg"
     Image.fromarray(tcga_image).save(jpeg, quality=95)
     with open_slide(jpeg, mpp=1.0) as r, Image.open(jpeg) as im:
-        np.testing.assert_array_equal(r.read_region((10, 20), 0, (50, 40)),
-                                      np.asarray(im)[20:60, 10:60])  # fmt: skip
+        np.testing.assert_array_equal(
+            r.read_region((10, 20), 0, (50, 40)), np.asarray(im)[20:60, 10:60]
+        )
 
 
 def test_resolution_metadata_of_plain_images(tissue: np.ndarray, tmp_path: Path) -> None:
     cm = tmp_path / "cm.tif"
-    tifffile.imwrite(cm, tissue, photometric="rgb", resolution=(40000, 40000),
-                     resolutionunit="CENTIMETER")  # fmt: skip
+    tifffile.imwrite(
+        cm, tissue, photometric="rgb", resolution=(40000, 40000), resolutionunit="CENTIMETER"
+    )
     with open_slide(cm) as r:
         assert r.mpp == pytest.approx((0.25, 0.25)) and r.mpp_source == "metadata"
     ij = tmp_path / "ij.tif"
-    tifffile.imwrite(ij, tissue[..., 0], imagej=True, resolution=(2.0, 2.0),
-                     metadata={"unit": "micron"})  # fmt: skip
+    tifffile.imwrite(
+        ij, tissue[..., 0], imagej=True, resolution=(2.0, 2.0), metadata={"unit": "micron"}
+    )
     with open_slide(ij) as r:
         assert r.mpp == pytest.approx((0.5, 0.5))
         assert (r.read_region((0, 0), 0, (5, 5)) == tissue[:5, :5, :1]).all()  # grey -> RGB

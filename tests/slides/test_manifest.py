@@ -91,8 +91,10 @@ def test_mpp_and_magnification_columns(tmp_path: Path) -> None:
     assert spec.user_value(tmp_path / "a.svs") == (0.25, "manifest")
     assert spec.user_value(tmp_path / "b.svs") == (0.5, "manifest")
     assert spec.user_value(tmp_path / "c.svs") == (1.0, "cli")
-    assert dict(spec.per_slide) == {slide_key(tmp_path / "a.svs"): 0.25,
-                                    slide_key(tmp_path / "b.svs"): 0.5}  # fmt: skip
+    assert dict(spec.per_slide) == {
+        slide_key(tmp_path / "a.svs"): 0.25,
+        slide_key(tmp_path / "b.svs"): 0.5,
+    }
     # Manifests without the columns still have them (NaN), so callers need not check.
     plain = read_manifest(write(tmp_path, "case_id,slide_id,label\nc1,a,tumor\n", "p.csv"))
     assert np.isnan(plain.mpp[0]) and record_mpp(plain.iloc[0].to_dict()) is None
