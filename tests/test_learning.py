@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import time
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -118,6 +119,7 @@ def test_low_res_view_is_uninformative() -> None:
     assert not torch.equal(x[0], x[1])
 
 
+@pytest.mark.slow
 def test_ats_learns_what_the_low_res_view_cannot_show() -> None:
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
