@@ -36,6 +36,7 @@ def _run(name: str, tmp_path: Path, *extra: str) -> dict[str, Any]:
     return data
 
 
+@pytest.mark.slow
 def test_slide_quick(tmp_path: Path) -> None:
     data = _run("slide", tmp_path, "--cache-dir", str(tmp_path / "cache"))
     rows = {r["method"]: r for r in data["results"]}
