@@ -11,7 +11,9 @@ import pytest
 import torch
 
 from ats_wsi.benchmarking import describe_machine, time_interleaved
-from pipelines.benchmark import SUBCOMMANDS, build_parser, extract_patches_loop
+from ats_wsi.benchmarks import BENCHMARKS, load
+from ats_wsi.benchmarks.core import extract_patches_loop
+from pipelines.benchmark import build_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -50,7 +52,10 @@ def test_loop_baseline_matches_gather() -> None:
 
 
 def test_registry_and_helpers() -> None:
-    assert "core" in SUBCOMMANDS
+    assert list(BENCHMARKS) == ["core", "slide", "prefetch", "mnist"]
+    for name in BENCHMARKS:
+        module = load(name)
+        assert module.HELP and callable(module.add_arguments) and callable(module.run)
     args = build_parser().parse_args(["core", "--quick"])
     assert args.out == "benchmarks/results/core.json"
     with pytest.raises(SystemExit):
@@ -60,3 +65,19 @@ def test_registry_and_helpers() -> None:
     assert calls == ["a", "b"] * 4  # warm-up round, then alternating
     assert set(t) == {"a", "b"} and t["a"]["repeats"] == 3
     assert describe_machine()["cpu_count"] >= 1
+
+
+def test_benchmarks_import_without_pipelines() -> None:
+    """The library's benchmarks need nothing from pipelines/ (no registry by import side effect)."""
+    code = (
+        "import importlib, sys\n"
+        "from ats_wsi.benchmarks import BENCHMARKS\n"
+        "for m in BENCHMARKS.values():\n"
+        "    importlib.import_module(m)\n"
+        "importlib.import_module('ats_wsi.benchmarks.slide_worker')\n"
+        "assert not [k for k in sys.modules if k.split('.')[0] == 'pipelines'], sys.modules\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr

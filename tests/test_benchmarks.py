@@ -82,7 +82,7 @@ def test_mnist_quick(tmp_path: Path) -> None:
 
 
 def test_island_slides_are_deterministic_and_mostly_glass() -> None:
-    from pipelines.bench_slide import GLASS, island_tile_fn
+    from ats_wsi.benchmarks.island_slides import GLASS, island_tile_fn
 
     source = np.full((1000, 1000, 3), 100, dtype=np.uint8)
     fn_a, info_a = island_tile_fn(4096, seed=3, source=source)

@@ -1,4 +1,4 @@
-"""pipelines.megapixel_mnist end to end on a tiny config, resume, config errors."""
+"""The Megapixel MNIST experiment end to end on a tiny config, resume, config errors."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ats_wsi.config import ConfigError, check_choices, load_yaml_config
+from ats_wsi.config import ConfigError
+from ats_wsi.experiments import megapixel_mnist as experiment
 from pipelines import megapixel_mnist as pipe
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -94,8 +95,7 @@ def test_config_errors_name_file_and_key(tmp_path: Path, capsys, patch: dict, me
     "name", ["megapixel_mnist.yaml", "megapixel_mnist_small.yaml", "megapixel_mnist_cpu.yaml"]
 )
 def test_shipped_configs_validate(name: str) -> None:
-    cfg = load_yaml_config(ROOT / "configs" / name, pipe.SCHEMA)
-    check_choices(cfg, name, pipe._CHOICES)
+    cfg = experiment.load_config(str(ROOT / "configs" / name))
     if name == "megapixel_mnist.yaml":  # the paper's protocol (ATS_SPEC 2.1)
         assert cfg["data"]["canvas_size"] == 1500 and cfg["data"]["scale"] == 0.12
         assert (cfg["data"]["n_train"], cfg["data"]["n_test"]) == (5000, 1000)

@@ -11,7 +11,6 @@ import torch
 import yaml
 from PIL import Image
 
-from ats_wsi.config import load_yaml_config
 from ats_wsi.datasets.speed_limits import (
     CLASSES,
     Sign,
@@ -22,6 +21,7 @@ from ats_wsi.datasets.speed_limits import (
     load_speed_limits,
     parse_annotations,
 )
+from ats_wsi.experiments import speed_limits as experiment
 from pipelines import speed_limits as pipe
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -174,7 +174,7 @@ def test_stand_in_number_readable_only_at_full_resolution(
 
     def low(img: np.ndarray) -> torch.Tensor:
         t = torch.from_numpy(img.copy()).permute(2, 0, 1)[None].float() / 255
-        return pipe.low_res_view(t, scale)
+        return experiment.low_res_view(t, scale)
 
     # ...and in the low-res view the strongest per-pixel difference drops to under a third of
     # the full-resolution one (measured 0.15-0.28 of it over 50 signs at 0.3): a faint blur.
@@ -187,15 +187,15 @@ def test_stand_in_number_readable_only_at_full_resolution(
 def test_augment_shapes_and_ranges() -> None:
     cfg = {"contrast": [0.8, 1.2], "brightness": [-0.1, 0.1], "pan_px": 100}
     x = torch.rand(3, 3, 50, 60)
-    out = pipe.augment(x, cfg, torch.Generator().manual_seed(0))
+    out = experiment.augment(x, cfg, torch.Generator().manual_seed(0))
     assert out.shape == x.shape and float(out.min()) >= 0 and float(out.max()) <= 1
     big = torch.ones(2, 1, 400, 400)
-    panned = pipe.augment(
+    panned = experiment.augment(
         big, {**cfg, "contrast": [1, 1], "brightness": [0, 0]}, torch.Generator().manual_seed(1)
     )
     zeros = (panned == 0).float().mean(dim=(1, 2, 3))
     assert torch.all(zeros <= 1 - (300 / 400) ** 2 + 1e-6)  # at most 100 px off each axis
-    x_low = pipe.low_res_view(torch.rand(1, 3, 960, 1280), 0.3)
+    x_low = experiment.low_res_view(torch.rand(1, 3, 960, 1280), 0.3)
     assert x_low.shape == (1, 3, 288, 384)
 
 
@@ -245,8 +245,7 @@ def test_config_errors(tmp_path: Path, capsys, section: str, value: dict, messag
 
 @pytest.mark.parametrize("name", ["speed_limits.yaml", "speed_limits_small.yaml"])
 def test_shipped_configs_validate(name: str) -> None:
-    cfg = load_yaml_config(ROOT / "configs" / name, pipe.SCHEMA)
-    pipe._check_lists(cfg, name)
+    cfg = experiment.load_config(str(ROOT / "configs" / name))
     if name == "speed_limits.yaml":  # the paper's protocol (ATS_SPEC 2.2)
         m, t = cfg["model"], cfg["train"]
         assert (cfg["data"]["scale"], m["n_patches"], m["patch_size"]) == (0.3, 5, 100)

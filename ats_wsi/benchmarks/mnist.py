@@ -1,12 +1,13 @@
 """``python -m pipelines.benchmark mnist``: ATS vs CNNs on Megapixel MNIST, time and memory.
 
-Three models from the Megapixel MNIST pipeline (:mod:`pipelines.megapixel_mnist`, settings from
-``configs/megapixel_mnist.yaml``): ATS (the "mnist" attention and feature nets, 10 patches of
-50 px), the full-resolution :class:`~ats_wsi.baselines.BaselineCNN` and the low-res one,
-at several canvas sizes (the low-res view is always ``scale`` = 0.12 of the canvas). Canvases
-come from :class:`~ats_wsi.datasets.megapixel_mnist.MegapixelMNIST` (scikit-learn digits;
-timing does not depend on them) as uint8, as the pipeline ships them: each model converts what
-it needs to float itself (the full-res CNN the whole canvas, ATS only its patches).
+Three models from the Megapixel MNIST experiment (:mod:`ats_wsi.experiments.megapixel_mnist`,
+settings from ``configs/megapixel_mnist.yaml``): ATS (the "mnist" attention and feature nets,
+10 patches of 50 px), the full-resolution :class:`~ats_wsi.baselines.BaselineCNN` and the
+low-res one, at several canvas sizes (the low-res view is always ``scale`` = 0.12 of the
+canvas). Canvases come from :class:`~ats_wsi.datasets.megapixel_mnist.MegapixelMNIST`
+(scikit-learn digits; timing does not depend on them) as uint8, as the pipeline ships them:
+each model converts what it needs to float itself (the full-res CNN the whole canvas, ATS only
+its patches).
 
 Each (model, size) runs in a fresh subprocess and reports, per sample: forward time
 (inference mode), training-step time (forward, loss with the entropy term, backward, Adam
@@ -19,18 +20,20 @@ from __future__ import annotations
 
 import argparse
 import inspect
-import json
 import statistics
 import time
 from pathlib import Path
 from typing import Any
 
-from pipelines.benchmark import subcommand
+from ats_wsi.benchmarks.workers import rss_peak_mb, run_in_subprocess, worker_main
 
-__all__ = ["MODELS", "main", "worker"]
+__all__ = ["HELP", "MODELS", "add_arguments", "run", "worker"]
+
+HELP = "Megapixel MNIST: ATS vs full-res and low-res CNNs"
 
 MODELS = ("ats", "cnn_full", "cnn_low")
-CONFIG = Path(__file__).resolve().parents[1] / "configs" / "megapixel_mnist.yaml"
+# The repository's configs/ (this file is ats_wsi/benchmarks/mnist.py).
+CONFIG = Path(__file__).resolve().parents[2] / "configs" / "megapixel_mnist.yaml"
 
 
 def _current_rss_mb() -> float:
@@ -49,11 +52,10 @@ def worker(cfg: dict[str, Any]) -> dict[str, Any]:
     from ats_wsi.config import load_yaml_config
     from ats_wsi.datasets.megapixel_mnist import MegapixelMNIST
     from ats_wsi.datasets.mnist import DigitPool
+    from ats_wsi.experiments.megapixel_mnist import SCHEMA
+    from ats_wsi.experiments.runner import build_ats
     from ats_wsi.patches import TensorPatchSource
     from ats_wsi.training import StepOutput, compute_loss
-    from pipelines.bench_slide import rss_peak_mb
-    from pipelines.common import build_ats
-    from pipelines.megapixel_mnist import SCHEMA
 
     if cfg.get("threads"):
         torch.set_num_threads(cfg["threads"])
@@ -155,18 +157,8 @@ def worker(cfg: dict[str, Any]) -> dict[str, Any]:
     return res
 
 
-def main() -> int:
-    """Worker entry point (see :func:`pipelines.bench_slide.run_in_subprocess`)."""
-    import sys
-
-    from pipelines.bench_slide import RESULT_TAG
-
-    cfg = json.loads(sys.argv[1])
-    print(RESULT_TAG + json.dumps(worker(cfg)), flush=True)
-    return 0
-
-
-def _args(p: argparse.ArgumentParser) -> None:
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Options of ``mnist``."""
     p.add_argument("--sizes", type=int, nargs="+", default=[750, 1500, 3000, 6000])
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     p.add_argument(
@@ -186,12 +178,8 @@ def _args(p: argparse.ArgumentParser) -> None:
     )
 
 
-@subcommand("mnist", help="Megapixel MNIST: ATS vs full-res and low-res CNNs", arguments=_args)
-def run_mnist(args: argparse.Namespace) -> dict[str, Any]:
+def run(args: argparse.Namespace) -> dict[str, Any]:
     """One fresh subprocess per (model, size); ratios against ATS at each size."""
-    # Imported here: pipelines.bench_slide imports pipelines.benchmark, which imports this.
-    from pipelines.bench_slide import run_in_subprocess
-
     if args.quick:
         args.sizes, args.batch, args.repeats = [750], 1, 1
         # A fresh interpreter costs seconds on a busy CI machine; quick numbers are not
@@ -214,7 +202,7 @@ def run_mnist(args: argparse.Namespace) -> dict[str, Any]:
             if args.in_process:
                 r = {**worker(cfg), "fresh_process": False}
             else:
-                r = {**run_in_subprocess("pipelines.bench_mnist", cfg), "fresh_process": True}
+                r = {**run_in_subprocess("ats_wsi.benchmarks.mnist", cfg), "fresh_process": True}
             rows.append(r)
             print(
                 f"  {name:<8} {size:>5}: fwd {r['forward_ms_per_sample']:8.1f} ms, "
@@ -264,3 +252,7 @@ def run_mnist(args: argparse.Namespace) -> dict[str, Any]:
         },
         "results": rows,
     }
+
+
+if __name__ == "__main__":
+    raise SystemExit(worker_main(worker))

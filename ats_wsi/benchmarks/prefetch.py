@@ -27,9 +27,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipelines.benchmark import subcommand
+from ats_wsi.benchmarks.island_slides import make_slide
 
-__all__ = ["DelayedLoader", "drop_page_cache"]
+__all__ = ["HELP", "DelayedLoader", "add_arguments", "drop_page_cache", "run"]
+
+HELP = "slide loops with vs without the dask Prefetcher"
 
 
 def drop_page_cache(path: str | Path) -> None:
@@ -56,7 +58,8 @@ class DelayedLoader:
         return self.loader(path)
 
 
-def _args(p: argparse.ArgumentParser) -> None:
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Options of ``prefetch``."""
     p.add_argument("--slides", type=int, default=8, help="distinct slides per pass")
     p.add_argument("--size", type=int, default=10240, help="slide side in level-0 pixels")
     p.add_argument("--low-mpp", type=float, default=4.0, help="low-res view resolution")
@@ -127,14 +130,12 @@ def _sequential(paths: list[str], load: Callable[[str], Any]) -> Iterator[tuple[
         yield p, load(p)
 
 
-@subcommand("prefetch", help="slide loops with vs without the dask Prefetcher", arguments=_args)
-def run_prefetch(args: argparse.Namespace) -> dict[str, Any]:
+def run(args: argparse.Namespace) -> dict[str, Any]:
     """Alternate sequential and prefetched passes over the slides; report slides per second."""
     import torch
     from distributed import Client
 
     from ats_wsi.io import LowResLoader, Prefetcher
-    from pipelines.bench_slide import make_slide
 
     if args.quick:
         args.slides, args.size, args.low_mpp, args.patches = 2, 2048, 8.0, 2

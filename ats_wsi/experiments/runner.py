@@ -1,10 +1,10 @@
-"""Pieces shared by the paper-benchmark pipelines (Megapixel MNIST, speed limits)."""
+"""What the paper experiments (Megapixel MNIST, speed limits) share: config checks, model
+and loader construction, training one model with :func:`ats_wsi.training.fit` and measuring
+its cost, attention figures, and the ``results.json`` every run writes."""
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 from ats_wsi.baselines import BaselineCNN
 from ats_wsi.benchmarking import describe_machine, measure_step_cost, write_json
 from ats_wsi.checkpoint import library_versions
-from ats_wsi.config import ConfigError, check_choices, check_resume_config, load_yaml_config
+from ats_wsi.config import check_choices, check_resume_config, load_yaml_config
 from ats_wsi.model import ATSModel
 from ats_wsi.training import (
     ForwardFn,
@@ -29,7 +29,6 @@ from ats_wsi.training import (
 
 __all__ = [
     "RESUMABLE",
-    "base_parser",
     "baseline_schema",
     "budget_seconds",
     "build_ats",
@@ -40,7 +39,6 @@ __all__ = [
     "make_loader",
     "measure_cost",
     "new_results",
-    "run_and_report",
     "start_run",
     "train_model",
     "write_attention_figures",
@@ -88,16 +86,16 @@ def load_checked_config(
     schema: Mapping[str, Any],
     choices: Mapping[tuple[str, ...], tuple[Any, ...]],
     *checks: Callable[[Mapping[str, Any], str], None],
-) -> dict[str, Any] | None:
-    """Load and check a YAML config; on an error print it and return None."""
-    try:
-        cfg = load_yaml_config(path, schema)
-        check_choices(cfg, path, choices)
-        for check in checks:
-            check(cfg, path)
-    except (ConfigError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return None
+) -> dict[str, Any]:
+    """Load a YAML config against ``schema``, then check ``choices`` and every ``check``.
+
+    Raises :class:`~ats_wsi.config.ConfigError` naming the file and key (``OSError`` when the
+    file cannot be read).
+    """
+    cfg = load_yaml_config(path, schema)
+    check_choices(cfg, path, choices)
+    for check in checks:
+        check(cfg, path)
     return cfg
 
 
@@ -342,41 +340,3 @@ def finish_run(results: dict[str, Any], out_dir: Path, t_run: float) -> dict[str
     )
     write_json(out_dir / "results.json", results)
     return results
-
-
-# ----------------------------------------------------------------------------- command line
-
-
-def base_parser(prog: str, description: str | None) -> argparse.ArgumentParser:
-    """Options of every benchmark pipeline; each adds its data-path option."""
-    p = argparse.ArgumentParser(
-        prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    p.add_argument("--config", required=True, help="YAML config (see configs/)")
-    p.add_argument("--out", help="output folder (default runs/<config name>)")
-    p.add_argument("--resume", action="store_true", help="continue from the checkpoints")
-    p.add_argument("--device", help="cpu, cuda, cuda:N or auto (overrides the config)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    return p
-
-
-def run_and_report(
-    run_fn: Callable[..., dict[str, Any]], cfg: dict[str, Any], args: argparse.Namespace
-) -> int:
-    """CLI tail of the benchmark pipelines: apply ``--device``/``--out``, run, print a summary."""
-    if args.device:
-        cfg["device"] = args.device
-    out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
-    res = run_fn(
-        cfg,
-        out,
-        config_path=str(args.config),
-        resume_run=args.resume,
-        progress=False if args.no_progress else None,
-    )
-    summary = {
-        k: {kk: v.get(kk) for kk in ("test_error", "epochs_completed")}
-        for k, v in res["models"].items()
-    }
-    print(json.dumps({"out": str(out), "models": summary}, indent=2))
-    return 0
