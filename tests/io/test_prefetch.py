@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -52,7 +54,19 @@ def _square_or_fail(k: int) -> int:
     return k * k
 
 
+@pytest.fixture
+def restore_environ() -> Iterator[None]:
+    """distributed's Nanny writes its pre-spawn variables (OMP_NUM_THREADS=1,
+    PYTHONHASHSEED=6640, ...) into this process's os.environ for good: put it back, so that
+    later tests and their subprocesses see the run's own environment."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
 @pytest.mark.slow
+@pytest.mark.usefixtures("restore_environ")
 def test_prefetch_worker_processes(cmu_svs: Path, tmp_path: Path) -> None:
     # Spawned workers import the loader by name and open the slide themselves; exceptions
     # (SlideError pickles with its path) come back across the process boundary.

@@ -34,8 +34,12 @@ def rows(path: Path) -> list[dict[str, str]]:
 @pytest.fixture(scope="module")
 def trained(tiny_cohort: Path, tiny_config: Any, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("run")
+    threads = torch.get_num_threads()  # a module fixture runs outside one_thread: restore it
     torch.set_num_threads(1)
-    train(tiny_config(tiny_cohort), out)
+    try:
+        train(tiny_config(tiny_cohort), out)
+    finally:
+        torch.set_num_threads(threads)
     return out
 
 
