@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import sys
 import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -26,6 +27,8 @@ __all__ = [
     "atomic_write_bytes",
     "library_versions",
     "load_checkpoint",
+    "load_model_state",
+    "model_state",
     "read_jsonl",
     "resume",
     "save_checkpoint",
@@ -149,6 +152,55 @@ def _plain(obj: Any, where: str = "state") -> Any:
     raise TypeError(f"{where}: {type(obj).__name__} cannot be stored in a weights-only checkpoint")
 
 
+def _encoders(model: nn.Module) -> dict[str, Any]:
+    # No TimmEncoder can exist unless its module was imported: plain models never import timm.
+    if "ats_wsi.encoders" not in sys.modules:
+        return {}
+    from ats_wsi.encoders import encoder_modules
+
+    return encoder_modules(model)
+
+
+def model_state(model: nn.Module) -> dict[str, Any]:
+    """``{"model": state_dict}`` and, for models holding pretrained encoders, ``"encoders"``:
+    a frozen encoder built from a weights file is referenced by path + sha256 instead of
+    stored (:func:`ats_wsi.encoders.encoder_state_for_checkpoint`)."""
+    encoders = _encoders(model)
+    if not encoders:
+        return {"model": model.state_dict()}
+    from ats_wsi.encoders import encoder_state_for_checkpoint, strip_encoder_tensors
+
+    return {
+        "model": strip_encoder_tensors(model.state_dict(), model),
+        "encoders": {name: encoder_state_for_checkpoint(net) for name, net in encoders.items()},
+    }
+
+
+def load_model_state(model: nn.Module, ckpt: Mapping[str, Any]) -> None:
+    """Load what :func:`model_state` stored into a model built from the same config (strict:
+    every tensor is accounted for; an encoder's weights file must have the recorded hash)."""
+    encoders = _encoders(model)
+    if not encoders:
+        model.load_state_dict(ckpt["model"])
+        return
+    from ats_wsi.encoders import load_encoder_state
+
+    stored = ckpt.get("encoders") or {}
+    missing = sorted(set(encoders) - set(stored))
+    if missing:
+        raise ValueError(f"checkpoint has no encoder state for {missing}")
+    prefixes = tuple(f"{name}." for name in encoders)
+    result = model.load_state_dict(ckpt["model"], strict=False)
+    absent = [k for k in result.missing_keys if not k.startswith(prefixes)]
+    if absent or result.unexpected_keys:
+        raise ValueError(
+            f"checkpoint does not match the model: missing {absent[:4]}, "
+            f"unexpected {list(result.unexpected_keys)[:4]}"
+        )
+    for name, net in encoders.items():
+        load_encoder_state(net, stored[name])
+
+
 def save_checkpoint(
     path: str | Path,
     *,
@@ -171,7 +223,7 @@ def save_checkpoint(
         {
             "format": CHECKPOINT_FORMAT,
             "epoch": int(epoch),
-            "model": model.state_dict(),
+            **model_state(model),
             "optimizer": optimizer.state_dict() if optimizer is not None else None,
             "scheduler": scheduler.state_dict() if scheduler is not None else None,
             "config": dict(config or {}),
@@ -220,7 +272,7 @@ def resume(
     are dropped from ``log_path``, so the resumed run does not duplicate them.
     """
     ckpt = load_checkpoint(path, map_location)
-    model.load_state_dict(ckpt["model"])
+    load_model_state(model, ckpt)
     if optimizer is not None and ckpt["optimizer"] is not None:
         optimizer.load_state_dict(ckpt["optimizer"])
     if scheduler is not None and ckpt["scheduler"] is not None:

@@ -50,7 +50,7 @@ class ATSOutput:
         indices: (B, N) sampled cells in draw order.
         locations: (B, N, 2) top-left (y, x) of each patch in the source's pixel units.
         patches: (B, N, C, p, p) the patches as the source returned them (before the
-            model's input normalisation).
+            model's input normalisation); None when a feature cache supplied the features.
         features: (B, N, D) L2-normalised patch features.
     """
 
@@ -59,7 +59,7 @@ class ATSOutput:
     probs: Tensor
     indices: Tensor
     locations: Tensor
-    patches: Tensor
+    patches: Tensor | None
     features: Tensor
 
 
@@ -143,6 +143,29 @@ class ATSModel(nn.Module):
             feature_net, "normalizes_input", False
         )
 
+    def _features(self, patches: Tensor) -> Tensor:
+        """(B, N, C, p, p) patches -> (B * N, D) features (the model's normalisation first)."""
+        seen = (patches - self.input_mean) / self.input_std if self.patch_normalize else patches
+        return self.feature_net(seen.reshape(-1, *patches.shape[2:]))
+
+    def _cacheable(self, source: Any) -> bool:
+        return bool(getattr(self.feature_net, "fully_frozen", False)) and hasattr(
+            source, "box_keys"
+        )
+
+    def _cached_features(self, source: Any, locations: Tensor, cache: Any) -> Tensor:
+        from ats_wsi.encoders import FeatureKey
+
+        enc = self.feature_net.encoder_id
+        keys = [FeatureKey.of(*k, enc) for k in source.box_keys(locations)]
+        flat = locations.reshape(1, -1, 2)
+
+        def compute(idx: list[int]) -> Tensor:
+            patches = source.extract(flat[:, idx]).to(locations.device)
+            return self._features(patches)
+
+        return cache.fetch(keys, compute)
+
     @classmethod
     def from_config(cls, cfg: dict[str, Any]) -> ATSModel:
         """Build from plain data, e.g. parsed YAML.
@@ -172,6 +195,7 @@ class ATSModel(nn.Module):
         n_patches: int | None = None,
         sampler: str | None = None,
         generator: torch.Generator | None = None,
+        feature_cache: Any = None,
     ) -> ATSOutput:
         """Run the model on a batch.
 
@@ -182,6 +206,10 @@ class ATSModel(nn.Module):
             mask: optional bool (B, a_h, a_w) at attention resolution; True = may be sampled.
             n_patches, sampler: per-call overrides (e.g. more patches or ``topk`` at inference).
             generator: makes the sampling reproducible.
+            feature_cache: an :class:`ats_wsi.encoders.FeatureCache`; used when the feature net
+                is a fully frozen encoder and the source names its boxes (``box_keys``, as
+                :class:`~ats_wsi.io.SlidePatchSource` does): cached boxes are neither read
+                nor encoded again. The attention net still trains through the estimator.
         """
         if isinstance(source, Tensor):
             source = TensorPatchSource(source, self.patch_size)
@@ -203,13 +231,15 @@ class ATSModel(nn.Module):
             patch_size=source.patch_size,
         )
         locations = mapping.top_left(indices)
-        patches = source.extract(locations)
-        if patches.shape[:2] != (batch, n):
-            raise ValueError(f"source returned {tuple(patches.shape)} for {batch} x {n} boxes")
-        patches = patches.to(device=x_low.device)
-        seen = (patches - self.input_mean) / self.input_std if self.patch_normalize else patches
-        features = self.feature_net(seen.reshape(batch * n, *patches.shape[2:]))
-        features = features.view(batch, n, -1)
+        if feature_cache is not None and self._cacheable(source):
+            patches, features = None, self._cached_features(source, locations, feature_cache)
+            features = features.to(x_low.device).view(batch, n, -1)
+        else:
+            patches = source.extract(locations)
+            if patches.shape[:2] != (batch, n):
+                raise ValueError(f"source returned {tuple(patches.shape)} for {batch} x {n} boxes")
+            patches = patches.to(device=x_low.device)
+            features = self._features(patches).view(batch, n, -1)
         baseline = None if self.baseline_momentum is None else self.feature_mean.clone()
         estimate = expectation(probs, features, indices, mode, baseline)
         if self.training and self.baseline_momentum is not None:

@@ -30,7 +30,7 @@ from tiatoolbox.models.models_abc import ModelABC
 from tiatoolbox.wsicore.wsireader import WSIReader
 from torch import Tensor
 
-from ats_wsi.checkpoint import load_checkpoint
+from ats_wsi.checkpoint import load_checkpoint, load_model_state
 from ats_wsi.io.tiatoolbox_reader import TiatoolboxReader
 from ats_wsi.io.tissue import load_mask
 from ats_wsi.model import ATSModel, ATSOutput
@@ -119,7 +119,7 @@ class ATSTiatoolboxModel(ModelABC):
         """Load a project checkpoint (``torch.load(weights_only=True)``) into the wrapped model;
         settings and class names are taken from the checkpoint too."""
         ckpt = load_checkpoint(weights, map_location="cpu")
-        self.model.load_state_dict(ckpt["model"], strict=True)
+        load_model_state(self.model, ckpt)
         cfg = ckpt.get("config") or {}
         if cfg.get("slides"):
             self.settings = SlideSettings.from_dict(dict(cfg["slides"]))

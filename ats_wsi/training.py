@@ -305,12 +305,24 @@ def recalibrate_batchnorm(
 # ----------------------------------------------------------------------------- fit
 
 
-def param_groups(model: nn.Module, lr: float, head_lr_multiplier: float) -> list[dict[str, Any]]:
-    """Optimizer groups: the ``head`` module at ``lr * head_lr_multiplier``, the rest at ``lr``."""
+def param_groups(
+    model: nn.Module, lr: float, head_lr_multiplier: float, encoder_lr: float | None = None
+) -> list[dict[str, Any]]:
+    """Optimizer groups of the trainable parameters: the rest at ``lr``, the ``head`` module at
+    ``lr * head_lr_multiplier`` and, when ``model`` holds pretrained encoders with trainable
+    blocks, those at ``encoder_lr`` (default ``lr``) in a third group."""
     head = list(model.head.parameters())
-    ids = {id(p) for p in head}
-    rest = [p for p in model.parameters() if id(p) not in ids]
-    return [{"params": rest, "lr": lr}, {"params": head, "lr": lr * head_lr_multiplier}]
+    encoder: list[nn.Parameter] = []
+    if "ats_wsi.encoders" in sys.modules:  # no encoder can exist otherwise
+        from ats_wsi.encoders import encoder_parameters
+
+        encoder = encoder_parameters(model)
+    taken = {id(p) for p in head} | {id(p) for p in encoder}
+    rest = [p for p in model.parameters() if id(p) not in taken and p.requires_grad]
+    groups = [{"params": rest, "lr": lr}, {"params": head, "lr": lr * head_lr_multiplier}]
+    if encoder:
+        groups.append({"params": encoder, "lr": lr if encoder_lr is None else encoder_lr})
+    return groups
 
 
 EpochStep = Callable[[int], dict[str, Any]]

@@ -75,9 +75,18 @@ class SlidePatchSource(Closing):
                 f"({self.patch_size} level-0 pixels)",
             )
         self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="patches")
+        self.reads = 0  # patches read so far (what a feature cache saves shows here)
+
+    def box_keys(self, top_left: Tensor) -> list[tuple[str, int, int, int, float]]:
+        """(slide, x, y, level-0 size, patch mpp) of each (1, N, 2) (y, x) box: what identifies
+        a patch for a feature cache."""
+        corners = top_left.reshape(-1, 2).detach().to("cpu", torch.long).tolist()
+        slide = str(self.reader.path)
+        return [(slide, x, y, self.patch_size, self.patch_mpp) for y, x in corners]
 
     def read_patch(self, y: int, x: int) -> np.ndarray:
         """The (p, p, 3) uint8 patch whose level-0 box has top-left (y, x)."""
+        self.reads += 1
         box = (self.patch_size, self.patch_size)
         return self.reader.read_box((x, y), box, (self.patch_size_px, self.patch_size_px))
 

@@ -274,12 +274,14 @@ def slide_forward(
     n_patches: int | None = None,
     sampler: str | None = None,
     generator: torch.Generator | None = None,
+    feature_cache: Any = None,
 ) -> tuple[ATSOutput, Tensor | None]:
     """The one slide forward: an (optionally DDP-wrapped) :class:`ATSModel` on ``item``'s view,
     restricted to its tissue cells, patches read from ``slide`` at ``settings.patch_mpp``.
 
     Returns the model's output and the (1, a_h, a_w) tissue mask of the attention grid (None
     without a tissue mask). Train, predict, the tiatoolbox engine and the benchmarks use it.
+    ``feature_cache`` (frozen pretrained encoders) is handed to :meth:`ATSModel.forward`.
     """
     core = _core(model)
     x_low = _view(item, core).to(device)
@@ -298,6 +300,7 @@ def slide_forward(
             n_patches=n_patches,
             sampler=sampler,
             generator=generator,
+            feature_cache=feature_cache,
         )
     return out, mask
 
@@ -378,6 +381,7 @@ def run_slides(
     epoch: int = 0,
     progress: Callable[[Iterable[Any]], Iterable[Any]] | None = None,
     where: str = "training",
+    feature_cache: Any = None,
 ) -> tuple[list[int], np.ndarray, list[float], list[str]]:
     """Train (``optimizer`` given) or evaluate ``model`` over ``records``, one slide at a time.
 
@@ -429,6 +433,7 @@ def run_slides(
                         n_patches=n_patches,
                         sampler=sampler,
                         generator=gen,
+                        feature_cache=feature_cache,
                     )
                     logits, att = out.logits, out.probs
                 else:

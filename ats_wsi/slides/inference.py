@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ats_wsi.checkpoint import load_checkpoint
+from ats_wsi.checkpoint import load_checkpoint, load_model_state
 from ats_wsi.io.readers import MppSpec, SlideReader, open_slide
 from ats_wsi.model import ATSModel
 from ats_wsi.slides.engine import SlideResult, SlideSettings, build_model, predict_slide
@@ -97,7 +97,7 @@ class Predictor:
         classes = list(ckpt["extra"].get("classes") or cfg["classes"])
         settings = SlideSettings.from_dict(dict(cfg["slides"]))
         model = build_model(cfg["model"], len(classes), settings.patch_size)
-        model.load_state_dict(ckpt["model"])
+        load_model_state(model, ckpt)
         model.to(device).eval()
         return cls(model, settings, classes, cfg)
 

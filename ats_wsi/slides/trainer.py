@@ -89,6 +89,7 @@ SCHEMA: dict[str, Any] = {
         "epochs": ((int,), 40),
         "lr": (_NUM, 1e-3),
         "head_lr_multiplier": (_NUM, 30.0),
+        "encoder_lr": (_OPT_NUM, None),  # trainable blocks of a pretrained encoder; None: lr
         "weight_decay": (_NUM, 0.0),
         "accumulate": ((int,), 2),
         "entropy_lambda": (_NUM, 1e-2),
@@ -98,6 +99,9 @@ SCHEMA: dict[str, Any] = {
         "device": ((str,), "auto"),
         "prefetch_depth": ((int,), 4),
         "cache_views": ((bool,), True),
+        # Features of a frozen pretrained encoder, kept across epochs (0 disables).
+        "feature_cache_mb": (_NUM, 1024),
+        "feature_cache_dir": (_OPT_STR, None),
         "select_metric": ((str,), "val_loss"),
         "eval_sampler": ((str,), "topk"),
         "eval_every": ((int,), 1),
@@ -214,6 +218,7 @@ def fit_slides(
     scaler = None
     if use_amp and not torch.cuda.is_bf16_supported():
         scaler = torch.amp.GradScaler("cuda")
+    cache = _feature_cache(model, tcfg)
 
     def train_step(epoch: int) -> dict[str, Any]:
         idx = shard(len(train_recs), rank, world, cfg["seed"], epoch, shuffle=True, pad=True)
@@ -235,8 +240,13 @@ def fit_slides(
             epoch=epoch,
             where=f"{name} epoch {epoch}",
             progress=slide_progress(f"{name} {epoch}/{epochs}", len(idx), _bar(cfg, rank)),
+            feature_cache=cache,
         )
-        return _epoch_metrics(_gather(part, world), "train_")
+        metrics = _epoch_metrics(_gather(part, world), "train_")
+        if cache is not None:
+            metrics["feature_cache_hit_rate"] = cache.hit_rate
+            metrics["feature_cache_mb"] = cache.nbytes / 2**20
+        return metrics
 
     def eval_step(epoch: int) -> dict[str, Any]:
         vidx = shard(len(val_recs), rank, world, cfg["seed"], 0, shuffle=False, pad=False)
@@ -251,6 +261,7 @@ def fit_slides(
             sampler=tcfg["eval_sampler"],
             seed=cfg["seed"],
             progress=slide_progress(f"{name} val", len(vidx), _bar(cfg, rank)),
+            feature_cache=cache,
         )
         return _epoch_metrics(_gather(vpart, world), "val_")
 
@@ -274,8 +285,28 @@ def fit_slides(
     )
 
 
+def _feature_cache(model: nn.Module, tcfg: dict[str, Any]) -> Any:
+    """A :class:`~ats_wsi.encoders.FeatureCache` when the model's feature net is a fully frozen
+    pretrained encoder (a trained one's features change with every step), else None."""
+    net = getattr(getattr(model, "module", model), "feature_net", None)
+    if not getattr(net, "fully_frozen", False) or tcfg["feature_cache_mb"] <= 0:
+        return None
+    from ats_wsi.encoders import FeatureCache
+
+    max_bytes = int(tcfg["feature_cache_mb"] * 2**20)
+    return FeatureCache(max_bytes=max_bytes, path=tcfg["feature_cache_dir"])
+
+
 def _fmt(record: dict[str, Any]) -> str:
-    keys = ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_auc", "epoch_time_s")
+    keys = (
+        "train_loss",
+        "train_accuracy",
+        "val_loss",
+        "val_accuracy",
+        "val_auc",
+        "feature_cache_hit_rate",
+        "epoch_time_s",
+    )
     return " ".join(f"{k}={record[k]:.3f}" for k in keys if isinstance(record.get(k), float))
 
 
@@ -364,7 +395,7 @@ def train(
         # The head reads a mean of unit-norm features in which a lesion patch weighs ~1/N:
         # its weights must grow large, hence a larger learning rate for it alone.
         optim = torch.optim.Adam(
-            param_groups(model, tcfg["lr"], tcfg["head_lr_multiplier"]),
+            param_groups(model, tcfg["lr"], tcfg["head_lr_multiplier"], tcfg["encoder_lr"]),
             lr=tcfg["lr"],
             weight_decay=tcfg["weight_decay"],
         )
