@@ -51,7 +51,7 @@ def test_slide_quick(tmp_path: Path) -> None:
     # The quick slide has more tissue tiles than --max-tiles: a subset is run, extrapolated.
     assert ex["total_tiles"] > ex["tiles"] == data["config"]["max_tiles"]
     assert ex["extrapolated"] is True and ex["seconds"] > ex["tiles_s"]
-    assert len(rows["ats"]["logits"]) == 2
+    assert len(rows["ats"]["probs"]) == 2 and sum(rows["ats"]["probs"]) == pytest.approx(1.0)
     (slide,) = data["slides"].values()
     assert slide["islands"] >= 1 and Path(slide["path"]).exists()
 

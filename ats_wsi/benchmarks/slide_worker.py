@@ -69,15 +69,15 @@ def _tile_selection(reader: Any, cfg: dict[str, Any]) -> tuple[np.ndarray, np.nd
     return tiles, subset, seconds
 
 
-# ----------------------------------------------------------------------------- ATS slide forward
-# How this benchmark builds the ATS model and runs it on a slide (``_nets``, ``_run_ats``) and
-# wraps its nets for tiatoolbox (``tiatoolbox_model_class``). Kept as it was in
-# pipelines/bench_slide.py and kept together: it is to be rewired onto the slide forward API
-# of ats_wsi.slides and ats_wsi.tiatoolbox_model by replacing this section.
+# ----------------------------------------------------------------------------- ATS
 
 
 def _nets(cfg: dict[str, Any]) -> tuple[Any, Any]:
-    """The ATS model (attention + feature nets + head) on the device, seeded, in eval mode."""
+    """The ATS model (attention + feature nets + head) on the device, seeded, in eval mode.
+
+    No input normalisation, so the exhaustive and tiatoolbox rows, which run the same feature
+    net on [0, 1] patches, compute exactly what ATS computes per patch.
+    """
     import torch
 
     from ats_wsi.model import ATSModel
@@ -97,26 +97,19 @@ def _nets(cfg: dict[str, Any]) -> tuple[Any, Any]:
 
 
 def _run_ats(path: str, cfg: dict[str, Any], model: Any, device: Any) -> dict[str, Any]:
-    import torch
+    """The project's one slide forward (:func:`ats_wsi.slides.engine.predict_slide`)."""
+    from ats_wsi.slides.engine import SlideSettings, predict_slide
 
-    from ats_wsi.io import SlidePatchSource, low_res_view, mask_to_grid, open_slide, tissue_mask
-
-    gen = torch.Generator(device=device).manual_seed(cfg["seed"])
-    with open_slide(path) as reader, torch.inference_mode():
-        view, _ = low_res_view(reader, cfg["low_mpp"])
-        image = (view[0].permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
-        mask = tissue_mask(image, cfg["low_mpp"])
-        # The histology attention net has 'same' padding: one cell per view pixel.
-        grid = mask_to_grid(mask, image.shape[:2], cfg["min_fraction"])
-        with SlidePatchSource(reader, cfg["patch_px"], cfg["patch_mpp"]) as source:
-            out = model(
-                view.to(device),
-                source,
-                torch.from_numpy(grid)[None].to(device),
-                generator=gen,
-            )
-        logits = out.logits.cpu()
-    return {"tiles": int(out.indices.shape[1]), "logits": logits[0].tolist()}
+    settings = SlideSettings(
+        attention_mpp=cfg["low_mpp"],
+        patch_mpp=cfg["patch_mpp"],
+        patch_size=cfg["patch_px"],
+        min_tissue=cfg["min_fraction"],
+    )
+    res = predict_slide(
+        model, path, settings, device=device, sampler="without_replacement", seed=cfg["seed"]
+    )
+    return {"tiles": len(res.locations_xy), "probs": res.probs.tolist()}
 
 
 def tiatoolbox_model_class() -> type:
