@@ -32,7 +32,8 @@ def _run(name: str, tmp_path: Path, *extra: str) -> dict[str, Any]:
     data = json.loads(out.read_text())
     assert data["benchmark"] == name
     assert all(k in data["machine"] for k in MACHINE_KEYS)
-    assert data["config"]["quick"] is True
+    for payload in data.get("encoders", {"": data}).values():
+        assert payload["config"]["quick"] is True
     return data
 
 
@@ -54,6 +55,25 @@ def test_slide_quick(tmp_path: Path) -> None:
     assert len(rows["ats"]["probs"]) == 2 and sum(rows["ats"]["probs"]) == pytest.approx(1.0)
     (slide,) = data["slides"].values()
     assert slide["islands"] >= 1 and Path(slide["path"]).exists()
+
+
+@pytest.mark.slow
+def test_encoders_quick(tmp_path: Path) -> None:
+    data = _run(
+        "encoders",
+        tmp_path,
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--encoders",
+        "efficientnet-lite0",
+    )
+    (payload,) = data["encoders"].values()
+    assert payload["config"]["feature_net"] == "efficientnet-lite0"
+    rows = {r["method"]: r for r in payload["results"]}
+    # The same encoder: ATS encodes N patches, exhaustive tiling every tissue tile.
+    assert rows["ats"]["tiles"] == payload["config"]["n_patches"]
+    assert rows["exhaustive"]["total_tiles"] > 10 * rows["ats"]["tiles"]
+    assert rows["exhaustive"]["pixels_read"] > rows["ats"]["pixels_read"]
 
 
 def test_prefetch_quick(tmp_path: Path) -> None:

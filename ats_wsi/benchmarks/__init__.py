@@ -24,6 +24,7 @@ BENCHMARKS: dict[str, str] = {
     "slide": "ats_wsi.benchmarks.slide",
     "prefetch": "ats_wsi.benchmarks.prefetch",
     "mnist": "ats_wsi.benchmarks.mnist",
+    "encoders": "ats_wsi.benchmarks.encoders",
 }
 
 

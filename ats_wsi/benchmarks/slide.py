@@ -55,6 +55,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="tiles actually run by the tiling methods (0: all); more are "
         "extrapolated from a fixed random subset",
     )
+    p.add_argument(
+        "--feature-net",
+        default="histology",
+        help="histology (from scratch) or an ats_wsi.encoders preset, e.g. efficientnet-lite0",
+    )
     p.add_argument("--batch", type=int, default=64, help="tiles per feature-net batch")
     p.add_argument("--repeats", type=int, default=3, help="ATS runs per slide (median)")
     p.add_argument("--cache-dir", default="benchmarks/cache", help="generated slides")
@@ -82,6 +87,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "min_fraction": 0.1,
         "max_tiles": args.max_tiles,
         "batch": args.batch,
+        "feature_net": args.feature_net,
         "repeats": args.repeats,
         "device": args.device,
         "seed": args.seed,

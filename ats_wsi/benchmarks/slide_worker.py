@@ -27,7 +27,7 @@ import numpy as np
 from ats_wsi.benchmarks.island_slides import SLIDE_MPP
 from ats_wsi.benchmarks.workers import rss_peak_mb, worker_main
 
-__all__ = ["tiatoolbox_model_class", "worker"]
+__all__ = ["feature_net_spec", "tiatoolbox_model_class", "worker"]
 
 
 # ----------------------------------------------------------------------------- reads, tiles
@@ -86,7 +86,7 @@ def _nets(cfg: dict[str, Any]) -> tuple[Any, Any]:
     model = ATSModel.from_config(
         {
             "attention_net": "histology",
-            "feature_net": "histology",
+            "feature_net": feature_net_spec(cfg.get("feature_net", "histology")),
             "num_classes": 2,
             "n_patches": cfg["n_patches"],
             "patch_size": cfg["patch_px"],
@@ -94,6 +94,20 @@ def _nets(cfg: dict[str, Any]) -> tuple[Any, Any]:
         }
     )
     return model.to(cfg["device"]).eval(), torch.device(cfg["device"])
+
+
+def feature_net_spec(name: str) -> Any:
+    """``histology`` (from scratch) or a frozen pretrained encoder preset of
+    :mod:`ats_wsi.encoders`; presets without bundled weights are built with random weights,
+    which cost the same to run."""
+    if name == "histology":
+        return name
+    from ats_wsi.encoders import PRESETS
+
+    spec: dict[str, Any] = {"name": "timm", "preset": name, "freeze": True}
+    if PRESETS[name].default_weights is None:
+        spec["weights"] = "random"
+    return spec
 
 
 def _run_ats(path: str, cfg: dict[str, Any], model: Any, device: Any) -> dict[str, Any]:
