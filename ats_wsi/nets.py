@@ -34,6 +34,7 @@ __all__ = [
     "L2Normalize",
     "PreActBlock",
     "ScaledResBlock",
+    "UniformAttention",
     "build_attention_net",
     "build_feature_net",
     "he_init_",
@@ -286,6 +287,39 @@ def histology_attention(in_channels: int = 3, width: int = 8) -> AttentionNet:
         nn.Conv2d(width, 1, 1),
         receptive_field=0,
     )
+
+
+@register_attention_net("tile_pool")
+def tile_pool_attention(in_channels: int = 3, width: int = 16, pool: int = 8) -> AttentionNet:
+    """H&E slides on a tile grid: three 3x3 'same' convs and a 1x1 scorer, average-pooled
+    ``pool`` x ``pool``: one logit per tile when ``pool`` view pixels span a tile (a 256 px tile
+    at 0.5 um/px is 8 view pixels at 16 um/px)."""
+    return AttentionNet(
+        ConvStack([in_channels, width, width, width], 3, "same", final_relu=True),
+        nn.Conv2d(width, 1, 1),
+        nn.AvgPool2d(pool),
+        receptive_field=0,
+    )
+
+
+class UniformAttention(nn.Module):
+    """Zero logits on a ``pool``-pooled grid: uniform attention over the allowed (tissue)
+    cells, no parameters. Sampling from it is the random-N baseline."""
+
+    receptive_field = 0
+
+    def __init__(self, pool: int) -> None:
+        super().__init__()
+        self.pool = nn.AvgPool2d(pool)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.pool(x[:, :1]) * 0.0
+
+
+@register_attention_net("uniform_tiles")
+def uniform_tiles_attention(in_channels: int = 3, pool: int = 8) -> UniformAttention:
+    """Random-N on the ``tile_pool`` grid: uniform over tissue cells."""
+    return UniformAttention(pool)
 
 
 @register_feature_net("histology")

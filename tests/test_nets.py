@@ -23,6 +23,8 @@ ATTENTION_CASES = [
     ("mnist", 1, (20, 30), (20, 30), 0),
     ("sts", 3, (72, 96), (8, 11), 9),  # (72 - 8) / 8 = 8, (96 - 8) / 8 = 11
     ("histology", 3, (24, 16), (24, 16), 0),
+    ("tile_pool", 3, (24, 16), (3, 2), 0),  # one cell per 8 x 8 view pixels (a 256 px tile)
+    ("uniform_tiles", 3, (24, 16), (3, 2), 0),
 ]
 # (name, in_channels, patch side, expected out_dim)
 FEATURE_CASES = [
@@ -57,6 +59,12 @@ def test_features_are_unit_norm(name: str, channels: int, size: int, dim: int) -
     assert net.out_dim == dim
     assert f.shape == (6, dim)
     assert torch.allclose(f.norm(dim=1), torch.ones(6), atol=1e-5)
+
+
+def test_uniform_tiles_attention_is_uniform() -> None:
+    net = build_attention_net("uniform_tiles")
+    assert not list(net.parameters())
+    assert torch.equal(net(torch.rand(2, 3, 24, 16)), torch.zeros(2, 1, 3, 2))
 
 
 def test_features_depend_on_the_input() -> None:
