@@ -68,7 +68,6 @@ def test_tile_grid_cells_are_the_tiles() -> None:
     from ats_wsi.mapping import GridMapping
     from ats_wsi.nets import build_attention_net
 
-    bc._register_nets()
     net = build_attention_net("tile_pool", width=4)
     view = torch.rand(1, 3, 24, 40)  # a 768 x 1280 px slide at 16 um/px vs 0.5 um/px
     logits = net(view)

@@ -63,44 +63,6 @@ LESION_TILE = 0.1  # a tile counts as lesion when at least this fraction of it i
 # ----------------------------------------------------------------------------- nets
 
 
-def _register_nets() -> None:
-    """Attention nets whose cells are the 256 px tile grid (registered once per process)."""
-    from torch import nn
-
-    from ats_wsi.nets import ATTENTION_NETS, AttentionNet, ConvStack, register_attention_net
-
-    if "tile_pool" in ATTENTION_NETS:
-        return
-
-    @register_attention_net("tile_pool")
-    def tile_pool(in_channels: int = 3, width: int = 16, pool: int = POOL) -> AttentionNet:
-        """Three 3x3 'same' convs and a 1x1 scorer, average-pooled ``pool`` x ``pool``: one
-        logit per tile when ``pool`` view pixels span a tile."""
-        return AttentionNet(
-            ConvStack([in_channels, width, width, width], 3, "same", final_relu=True),
-            nn.Conv2d(width, 1, 1),
-            nn.AvgPool2d(pool),
-            receptive_field=0,
-        )
-
-    class Uniform(nn.Module):
-        """Zero logits on the tile grid: uniform attention over the tissue cells."""
-
-        receptive_field = 0
-
-        def __init__(self, pool: int) -> None:
-            super().__init__()
-            self.pool = nn.AvgPool2d(pool)
-
-        def forward(self, x: Any) -> Any:
-            return self.pool(x[:, :1]) * 0.0
-
-    @register_attention_net("uniform_tiles")
-    def uniform_tiles(in_channels: int = 3, pool: int = POOL) -> nn.Module:
-        """Random-N: the same grid, no parameters, uniform over tissue."""
-        return Uniform(pool)
-
-
 class ContentMemo:
     """Frozen-encoder features looked up by the bytes of the patch the encoder is given.
 
@@ -355,13 +317,16 @@ def _ats_task(cfg: dict[str, Any]) -> dict[str, Any]:
     )
     from ats_wsi.training import class_balanced_weights, param_groups, seed_everything
 
-    _register_nets()
     if cfg["encoder"] != "histology":
         import ats_wsi.encoders  # noqa: F401
     settings = _settings(cfg)
     kind, n = cfg["task"], int(cfg["n"])
     seed_everything(cfg["seed"])
-    attention = {"name": "tile_pool", "width": 16} if kind == "ats" else {"name": "uniform_tiles"}
+    attention = (
+        {"name": "tile_pool", "width": 16, "pool": POOL}
+        if kind == "ats"
+        else {"name": "uniform_tiles", "pool": POOL}
+    )
     model = build_model(
         {
             "attention_net": attention,
