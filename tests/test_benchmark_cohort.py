@@ -43,6 +43,7 @@ def test_abmil_attention_is_a_distribution_and_order_free() -> None:
     assert torch.allclose(mean.attention, torch.full((30,), 1 / 30))
 
 
+@pytest.mark.slow
 def test_abmil_finds_one_positive_instance_mean_pooling_does_not() -> None:
     train, y_train = _bags(60, 64, 0)
     test, y_test = _bags(40, 64, 1)
