@@ -107,15 +107,13 @@ def test_bootstrap_ci() -> None:
 
 
 @pytest.mark.slow
-def test_quick_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_quick_end_to_end(tmp_path: Path) -> None:
     """``python -m pipelines.benchmark cohort --quick``: every method runs and is reported."""
-    from ats_wsi import benchmarks
     from ats_wsi.slides.realistic_cohort import default_source_dir
     from pipelines.benchmark import main
 
     if not default_source_dir().is_dir():
         pytest.skip("shared slide sources not found")
-    monkeypatch.setitem(benchmarks.BENCHMARKS, "cohort", "ats_wsi.benchmarks.cohort")
     out = tmp_path / "cohort.json"
     argv = ["cohort", "--quick", "--cache-dir", str(tmp_path / "cache"), "--out", str(out)]
     assert main([*argv, "--figures", str(tmp_path / "figs")]) == 0

@@ -25,6 +25,7 @@ BENCHMARKS: dict[str, str] = {
     "prefetch": "ats_wsi.benchmarks.prefetch",
     "mnist": "ats_wsi.benchmarks.mnist",
     "encoders": "ats_wsi.benchmarks.encoders",
+    "cohort": "ats_wsi.benchmarks.cohort",
 }
 
 
