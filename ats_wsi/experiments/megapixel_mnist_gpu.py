@@ -35,10 +35,10 @@ from ats_wsi.datasets.megapixel_mnist import MegapixelMNIST
 from ats_wsi.datasets.megapixel_mnist_device import DeviceLoader, DeviceMegapixelMNIST
 from ats_wsi.datasets.mnist import DigitPool, load_digit_pools
 from ats_wsi.experiments.runner import (
-    budget_seconds,
     build_ats,
     build_baseline,
     finish_run,
+    fit_loaders,
     new_results,
     start_run,
     write_attention_figures,
@@ -49,8 +49,6 @@ from ats_wsi.training import (
     ForwardFn,
     StepOutput,
     compute_loss,
-    fit,
-    loader_steps,
     param_groups,
     seed_everything,
     summarise_history,
@@ -405,34 +403,22 @@ def _train(
     progress: bool | None,
     **step_kwargs: Any,
 ) -> dict[str, Any]:
-    """:func:`fit` over device loaders; the results entry with samples/s."""
-    t = cfg["train"]
-    steps = loader_steps(
+    """:func:`fit_loaders` over device loaders; the results entry with samples/s."""
+    history = fit_loaders(
+        name,
         model,
         opt,
         train_loader,
         test_loader,
-        name=name,
-        epochs=epochs,
+        cfg=cfg,
+        out_dir=out_dir,
         device=device,
-        clip_norm=t["clip_norm"],
+        epochs=epochs,
+        budget_minutes=budget_minutes,
+        generators=generators,
+        resume_run=resume_run,
         progress=progress,
         **step_kwargs,
-    )
-    history = fit(
-        model,
-        opt,
-        **steps,
-        epochs=epochs,
-        out_dir=out_dir,
-        name=name,
-        eval_every=t["eval_every"],
-        device=device,
-        config=cfg,
-        generators=generators,
-        checkpoint_every=t["checkpoint_every"],
-        resume_run=resume_run,
-        time_budget_s=budget_seconds(budget_minutes),
     )
     n_train = len(train_loader.data)
     entry = summarise_history(history, epochs, n_train)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -230,6 +230,58 @@ def measure_cost(
     }
 
 
+def fit_loaders(
+    name: str,
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    train_loader: Iterable[Any],
+    test_loader: Iterable[Any],
+    *,
+    cfg: Mapping[str, Any],
+    out_dir: Path,
+    device: torch.device,
+    epochs: int,
+    budget_minutes: float | None,
+    generators: dict[str, torch.Generator],
+    resume_run: bool,
+    progress: bool | None,
+    **step_kwargs: Any,
+) -> list[dict[str, Any]]:
+    """:func:`fit` over two loaders with the experiment config's ``train`` settings (clip norm,
+    evaluation and checkpoint cadence, budget); ``step_kwargs`` go to :func:`loader_steps`,
+    except ``scheduler``, which goes to :func:`fit`. Returns the metrics history."""
+    t = cfg["train"]
+    scheduler = step_kwargs.pop("scheduler", None)
+    steps = loader_steps(
+        model,
+        opt,
+        train_loader,
+        test_loader,
+        name=name,
+        epochs=epochs,
+        device=device,
+        clip_norm=t["clip_norm"],
+        progress=progress,
+        **step_kwargs,
+    )
+    return fit(
+        model,
+        opt,
+        **steps,
+        epochs=epochs,
+        out_dir=out_dir,
+        name=name,
+        eval_every=t["eval_every"],
+        device=device,
+        scheduler=scheduler,
+        config=cfg,
+        generators=generators,
+        checkpoint_every=t["checkpoint_every"],
+        resume_run=resume_run,
+        time_budget_s=budget_seconds(budget_minutes),
+    )
+
+
 def train_model(
     name: str,
     model: nn.Module,
@@ -257,35 +309,21 @@ def train_model(
     ``eval_forward``, ``bn_loader``, ...) go to :func:`loader_steps`, ``scheduler`` to
     :func:`fit`.
     """
-    t = cfg["train"]
-    scheduler = fit_kwargs.pop("scheduler", None)
-    steps = loader_steps(
+    history = fit_loaders(
+        name,
         model,
         opt,
         make_loader(train_ds, batch_size, True, cfg, device, generators["shuffle"]),
         make_loader(test_ds, batch_size, False, cfg, device),
-        name=name,
-        epochs=epochs,
+        cfg=cfg,
+        out_dir=out_dir,
         device=device,
-        clip_norm=t["clip_norm"],
+        epochs=epochs,
+        budget_minutes=budget_minutes,
+        generators=generators,
+        resume_run=resume_run,
         progress=progress,
         **fit_kwargs,
-    )
-    history = fit(
-        model,
-        opt,
-        **steps,
-        epochs=epochs,
-        out_dir=out_dir,
-        name=name,
-        eval_every=t["eval_every"],
-        device=device,
-        scheduler=scheduler,
-        config=cfg,
-        generators=generators,
-        checkpoint_every=t["checkpoint_every"],
-        resume_run=resume_run,
-        time_budget_s=budget_seconds(budget_minutes),
     )
     entry = summarise_history(history, epochs, len(train_ds))
     entry["cost"] = measure_cost(
