@@ -1,4 +1,4 @@
-"""The cohort benchmark: MIL heads, the tile-grid attention, the feature memo, the metrics;
+"""The cohort benchmark: MIL heads, the tile-grid attention, the feature cache, the metrics;
 ``--quick`` end to end (slow)."""
 
 from __future__ import annotations
@@ -85,16 +85,36 @@ def test_tile_grid_cells_are_the_tiles() -> None:
     assert tl.tolist() == [[256 * (i // 5), 256 * (i % 5)] for i in range(15)]
 
 
-def test_content_memo_hits_known_patches_only() -> None:
-    torch.manual_seed(0)
-    enc = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 4))
-    enc.out_dim = 4
-    x = torch.rand(3, 3, 2, 2)
-    memo = bc.ContentMemo(enc, {bc.ContentMemo.digest(x[0]): np.ones(4, np.float16)})
-    out = memo.net(x)
-    assert memo.hits == 1 and memo.misses == 2
-    assert torch.equal(out[0], torch.ones(4))
-    assert torch.allclose(out[1:], enc(x[1:]))
+def test_feature_cache_serves_the_model_without_reads(tmp_path: Path) -> None:
+    """The extracted features are keyed as ATSModel looks them up: no read, no encode."""
+    from ats_wsi.io import SlidePatchSource
+    from ats_wsi.io.readers import open_slide
+    from ats_wsi.slides.engine import build_model
+    from ats_wsi.slides.realistic_cohort import default_source_dir
+
+    slide = default_source_dir() / "CMU-1-Small-Region.svs"
+    if not slide.exists():
+        pytest.skip("shared slide fixtures not found")
+    cfg = {"encoder": "efficientnet-lite0", "encoder_size": 32}
+    encoder = bc._build_encoder(cfg)
+    top_left = torch.tensor([[[0, 0], [256, 512]]])
+    with open_slide(slide) as reader, SlidePatchSource(reader, bc.TILE_PX, bc.PATCH_MPP) as src:
+        feats = bc._encode(encoder, src.extract(top_left)[0], bf16=False)
+        box = src.patch_size  # 257: this slide is at 0.499 um/px, not 0.5
+        np.savez(tmp_path / "s.npz", features=feats.numpy(), top_left=top_left[0].numpy(), box=box)
+    records = [{"slide_id": "s", "path": str(slide)}]
+    cache = bc.feature_cache({"records": records, "feature_dir": str(tmp_path)}, encoder)
+    model = build_model(
+        {"attention_net": "uniform_tiles", "feature_net": bc._feature_spec(cfg), "n_patches": 2},
+        2,
+        bc.TILE_PX,
+    )
+    assert model.feature_net.encoder_id == encoder.encoder_id  # built twice, same key
+    with open_slide(slide) as reader, SlidePatchSource(reader, bc.TILE_PX, bc.PATCH_MPP) as src:
+        got = model._cached_features(src, top_left, cache)
+        assert src.reads == 0
+    assert cache.misses == 0 and cache.hits == 2
+    torch.testing.assert_close(got, feats)
 
 
 def test_bootstrap_ci() -> None:
@@ -124,6 +144,6 @@ def test_quick_end_to_end(tmp_path: Path) -> None:
         assert 0.0 <= r["auc"] <= 1.0 and r["peak_rss_mb"] > 0
     ats = next(r for r in payload["results"] if r["method"] == "ats")
     assert ats["tiles_per_slide"] == 4 and ats["tile_fraction"] < 1
-    # Training looked every sampled tile up in the extracted features: no encoder forward.
-    assert payload["raw"]["ats_4"]["memo_misses"]["train"] == 0
+    # Training and test looked every sampled tile up in the extracted features: no read.
+    assert payload["raw"]["ats_4"]["cache_misses"] == {"train": 0, "test": 0}
     assert (tmp_path / "figs" / "cohort_auc_vs_tiles.png").exists()

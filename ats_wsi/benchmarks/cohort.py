@@ -45,7 +45,7 @@ from ats_wsi.benchmarks.workers import rss_peak_mb, run_in_subprocess, worker_ma
 
 __all__ = [
     "HELP",
-    "ContentMemo",
+    "feature_cache",
     "add_arguments",
     "bootstrap_ci",
     "run",
@@ -61,65 +61,6 @@ POOL = int(TILE_PX * PATCH_MPP / ATTENTION_MPP)  # view pixels per tile side (8)
 LESION_TILE = 0.1  # a tile counts as lesion when at least this fraction of it is tumour
 
 
-# ----------------------------------------------------------------------------- nets
-
-
-class ContentMemo:
-    """Frozen-encoder features looked up by the bytes of the patch the encoder is given.
-
-    Wraps the feature net of an :class:`~ats_wsi.model.ATSModel`: a patch whose digest is in
-    the memo gets its stored feature, the others go through the encoder (counted in
-    ``misses``). Only valid for a frozen encoder.
-    """
-
-    def __init__(self, encoder: Any, memo: dict[bytes, np.ndarray]) -> None:
-        import torch
-        from torch import nn
-
-        class _Net(nn.Module):
-            def __init__(self, outer: ContentMemo) -> None:
-                super().__init__()
-                self.outer = outer
-                self.encoder = encoder
-                self.out_dim = int(encoder.out_dim)
-                self.normalizes_input = bool(getattr(encoder, "normalizes_input", False))
-
-            def train(self, mode: bool = True) -> nn.Module:
-                super().train(mode)
-                self.encoder.eval()  # frozen: BatchNorm statistics never move
-                return self
-
-            def forward(self, x: torch.Tensor) -> torch.Tensor:
-                return self.outer.lookup(x)
-
-        self.memo = memo
-        self.encoder = encoder
-        self.hits = 0
-        self.misses = 0
-        self.net = _Net(self)
-
-    @staticmethod
-    def digest(patch: Any) -> bytes:
-        """16-byte digest of one (C, p, p) float tensor."""
-        return hashlib.blake2b(patch.contiguous().numpy().tobytes(), digest_size=16).digest()
-
-    def lookup(self, x: Any) -> Any:
-        import torch
-
-        keys = [self.digest(p) for p in x.detach().cpu()]
-        out = torch.empty(len(keys), self.net.out_dim)
-        todo = [i for i, k in enumerate(keys) if k not in self.memo]
-        for i, k in enumerate(keys):
-            if k in self.memo:
-                out[i] = torch.from_numpy(self.memo[k].astype(np.float32))
-        if todo:
-            with torch.no_grad():
-                out[todo] = self.encoder(x[todo]).float().cpu()
-        self.hits += len(keys) - len(todo)
-        self.misses += len(todo)
-        return out
-
-
 # ----------------------------------------------------------------------------- settings
 
 
@@ -130,14 +71,12 @@ def _settings(cfg: dict[str, Any]) -> Any:
         attention_mpp=ATTENTION_MPP,
         patch_mpp=PATCH_MPP,
         patch_size=TILE_PX,
-        min_tissue=0.1,
+        min_tissue=cfg["min_tissue"],
         read_workers=cfg["read_workers"],
     )
 
 
 def _feature_spec(cfg: dict[str, Any]) -> dict[str, Any]:
-    if cfg["encoder"] == "histology":
-        return {"name": "histology", "width": 16}
     spec: dict[str, Any] = {"name": "timm", "preset": cfg["encoder"]}
     if cfg.get("encoder_size"):
         spec["input_size"] = int(cfg["encoder_size"])
@@ -145,35 +84,26 @@ def _feature_spec(cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 def _build_encoder(cfg: dict[str, Any]) -> Any:
-    """The frozen encoder every method shares (built the same way in every process)."""
-    import torch
-
-    if cfg["encoder"] != "histology":
-        import ats_wsi.encoders  # noqa: F401  (registers the timm feature net)
+    """The frozen pretrained encoder every method shares (built the same way in every
+    process, so its ``encoder_id`` keys the same cached features)."""
+    import ats_wsi.encoders  # noqa: F401  (registers the timm feature net)
     from ats_wsi.nets import build_feature_net
 
     spec = dict(_feature_spec(cfg))
-    # The from-scratch net (quick runs) stands in for a frozen one: seeded, never trained.
-    torch.manual_seed(cfg["seed"])
     net = build_feature_net(spec.pop("name"), **spec)
-    for p in net.parameters():
-        p.requires_grad_(False)
+    if not net.fully_frozen:
+        raise ValueError(f"encoder {cfg['encoder']!r} is not frozen; the benchmark caches features")
     return net.eval()
 
 
 def _encoder_key(cfg: dict[str, Any]) -> str:
-    text = json.dumps(_feature_spec(cfg), sort_keys=True) + f":{cfg['seed']}:{cfg['bf16']}"
+    """Feature folder name: the encoder, its precision and the tile grid it was run on."""
+    text = json.dumps(
+        {"spec": _feature_spec(cfg), "bf16": cfg["bf16"], "min_tissue": cfg["min_tissue"]},
+        sort_keys=True,
+    )
     name = cfg["encoder"] + (f"-{cfg['encoder_size']}" if cfg.get("encoder_size") else "")
     return f"{name}-{hashlib.sha1(text.encode()).hexdigest()[:8]}"
-
-
-def _patch_input(encoder: Any, patches: Any) -> Any:
-    """What :class:`~ats_wsi.model.ATSModel` hands its feature net (same op, same bytes)."""
-    from ats_wsi.slides.engine import HE_MEAN, HE_STD
-
-    if getattr(encoder, "normalizes_input", False):
-        return patches
-    return (patches - HE_MEAN) / HE_STD
 
 
 def _encode(encoder: Any, x: Any, bf16: bool) -> Any:
@@ -215,8 +145,8 @@ def _tile_grid(item: Any, settings: Any) -> tuple[np.ndarray, tuple[int, int], A
 def extract_slide(
     encoder: Any, path: str, settings: Any, out: Path, batch: int, bf16: bool
 ) -> dict[str, Any]:
-    """Every tissue tile of one slide through the encoder; features, boxes and digests to
-    ``out`` (npz). Returns the slide's costs."""
+    """Every tissue tile of one slide through the encoder; features and boxes to ``out``
+    (npz). Returns the slide's costs."""
     from ats_wsi.io import SlidePatchSource
     from ats_wsi.io.readers import open_slide
 
@@ -224,7 +154,7 @@ def extract_slide(
     item = settings.loader()(path)
     idx, grid, top_left = _tile_grid(item, settings)
     t_view = time.perf_counter() - t0
-    feats, digests = [], []
+    feats = []
     t_read = t_enc = 0.0
     with (
         open_slide(path) as reader,
@@ -233,12 +163,11 @@ def extract_slide(
         for s in range(0, len(idx), batch):
             t1 = time.perf_counter()
             patches = src.extract(top_left[None, s : s + batch])[0]
-            seen = _patch_input(encoder, patches)
-            digests += [ContentMemo.digest(p) for p in seen]
             t2 = time.perf_counter()
-            feats.append(_encode(encoder, seen, bf16).numpy().astype(np.float16))
+            feats.append(_encode(encoder, patches, bf16).numpy().astype(np.float16))
             t_read += t2 - t1
             t_enc += time.perf_counter() - t2
+        box = src.patch_size  # level-0 side of a tile: what the model's cache key holds
     total = time.perf_counter() - t0
     tmp = out.with_suffix(".tmp.npz")
     np.savez(
@@ -247,7 +176,7 @@ def extract_slide(
         top_left=top_left.numpy(),
         cells=idx,
         grid=np.array(grid),
-        digests=np.frombuffer(b"".join(digests), dtype="S16"),
+        box=np.array(box),
     )
     tmp.replace(out)
     cost = {
@@ -286,13 +215,25 @@ def _extract_task(cfg: dict[str, Any]) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- ATS / random-N
 
 
-def _memo(cfg: dict[str, Any]) -> dict[bytes, np.ndarray]:
-    memo: dict[bytes, np.ndarray] = {}
+def feature_cache(cfg: dict[str, Any], encoder: Any) -> Any:
+    """A :class:`~ats_wsi.encoders.FeatureCache` holding every extracted tile feature under
+    the key :class:`~ats_wsi.model.ATSModel` looks it up by (slide path, level-0 box, patch
+    mpp, ``encoder.encoder_id``): ATS and random-N then train and test without reading or
+    encoding the tiles they sample (the attention cells are the tile grid)."""
+    import torch
+
+    from ats_wsi.encoders import FeatureCache, FeatureKey
+
+    cache = FeatureCache(max_bytes=1 << 40)  # the cohort's features fit in memory (float32)
     for rec in cfg["records"]:
         with np.load(Path(cfg["feature_dir"]) / f"{rec['slide_id']}.npz") as z:
-            for d, f in zip(z["digests"], z["features"], strict=True):
-                memo[bytes(d)] = f
-    return memo
+            box = int(z["box"])
+            keys = [
+                FeatureKey.of(rec["path"], x, y, box, PATCH_MPP, encoder.encoder_id)
+                for y, x in z["top_left"].tolist()
+            ]
+            cache.put_many(keys, torch.from_numpy(z["features"].astype(np.float32)))
+    return cache
 
 
 def _records(cfg: dict[str, Any], split: str) -> list[Any]:
@@ -306,6 +247,8 @@ def _records(cfg: dict[str, Any], split: str) -> list[Any]:
 
 
 def _ats_task(cfg: dict[str, Any]) -> dict[str, Any]:
+    import contextlib
+
     import torch
 
     from ats_wsi.slides.engine import (
@@ -318,8 +261,6 @@ def _ats_task(cfg: dict[str, Any]) -> dict[str, Any]:
     )
     from ats_wsi.training import class_balanced_weights, param_groups, seed_everything
 
-    if cfg["encoder"] != "histology":
-        import ats_wsi.encoders  # noqa: F401
     settings = _settings(cfg)
     kind, n = cfg["task"], int(cfg["n"])
     seed_everything(cfg["seed"])
@@ -331,7 +272,7 @@ def _ats_task(cfg: dict[str, Any]) -> dict[str, Any]:
     model = build_model(
         {
             "attention_net": attention,
-            "feature_net": _feature_spec(cfg),  # replaced below by the extraction's encoder
+            "feature_net": _feature_spec(cfg),
             "n_patches": n,
             "sampler": "without_replacement",
             "smoothing": 1e-4,
@@ -339,29 +280,19 @@ def _ats_task(cfg: dict[str, Any]) -> dict[str, Any]:
         2,
         TILE_PX,
     )
-    encoder = _build_encoder(cfg)
-    memo = ContentMemo(encoder, _memo(cfg))
-    model.feature_net = memo.net
-    model.patch_normalize = model.normalize and not memo.net.normalizes_input
+    cache = feature_cache(cfg, model.feature_net)
     train, test = _records(cfg, "train"), _records(cfg, "test")
     views = ViewStore(settings.loader(), depth=0, cache=True)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    head_ids = {id(p) for p in model.head.parameters()}
-    groups = [
-        {"params": [p for p in g["params"] if p.requires_grad]}
-        | {k: v for k, v in g.items() if k != "params"}
-        for g in param_groups(model, cfg["lr"], cfg["head_lr_multiplier"])
-    ]
-    groups = [g for g in groups if g["params"]]
-    assert sum(len(g["params"]) for g in groups) == len(trainable) and head_ids
-    optim = torch.optim.Adam(groups, lr=cfg["lr"])
+    # Only trainable parameters (the attention net, the head); random-N has no attention ones.
+    groups = param_groups(model, cfg["lr"], cfg["head_lr_multiplier"])
+    optim = torch.optim.Adam([g for g in groups if g["params"]], lr=cfg["lr"])
     weights = class_balanced_weights([r.y for r in train], 2)
     epochs = cfg["epochs_ats"] if kind == "ats" else cfg["epochs_random"]
     t0 = time.perf_counter()
     history = []
     for epoch in range(epochs):
         order = np.random.default_rng([cfg["seed"], epoch]).permutation(len(train))
-        ys, probs, losses, _ = run_slides(
+        _, _, losses, _ = run_slides(
             model,
             [train[i] for i in order],
             views,
@@ -375,10 +306,11 @@ def _ats_task(cfg: dict[str, Any]) -> dict[str, Any]:
             seed=cfg["seed"],
             epoch=epoch,
             where=f"{kind} N={n} epoch {epoch}",
+            feature_cache=cache,
         )
         history.append(float(np.mean(losses)))
     train_s = time.perf_counter() - t0
-    train_misses = memo.misses
+    train_misses = cache.misses
 
     # Test: ATS reads its top-N cells (deterministic), random-N a seeded uniform draw.
     sampler = "topk" if kind == "ats" else "without_replacement"
@@ -386,8 +318,7 @@ def _ats_task(cfg: dict[str, Any]) -> dict[str, Any]:
     rows = []
     with torch.no_grad():
         for (_, item), rec in zip(views.iterate([r.path for r in test]), test, strict=True):
-            gen = slide_generator(cfg["seed"], rec.slide_id, 0)
-            out, mask = slide_forward(
+            out, _ = slide_forward(
                 model,
                 item,
                 rec.path,
@@ -395,7 +326,8 @@ def _ats_task(cfg: dict[str, Any]) -> dict[str, Any]:
                 torch.device("cpu"),
                 n_patches=n,
                 sampler=sampler,
-                generator=gen,
+                generator=slide_generator(cfg["seed"], rec.slide_id, 0),
+                feature_cache=cache,
             )
             row = {
                 "slide_id": rec.slide_id,
@@ -406,29 +338,30 @@ def _ats_task(cfg: dict[str, Any]) -> dict[str, Any]:
             if kind == "ats" and rec.y == 1:
                 row["attention"] = out.attention[0].numpy().round(5).tolist()
             rows.append(row)
-    test_misses = memo.misses - train_misses
-
-    # Deployment cost: the same weights with the encoder running (no memo), end to end.
-    model.feature_net = encoder
-    model.patch_normalize = model.normalize and not getattr(encoder, "normalizes_input", False)
-    timings = []
-    for rec in test[: cfg["timing_slides"]]:
-        res = predict_slide(
-            model,
-            rec.path,
-            settings,
-            sampler=sampler,
-            n_patches=n,
-            seed=cfg["seed"],
-            slide_id=rec.slide_id,
-        )
-        timings.append(res.runtime_s)
+    test_misses = cache.misses - train_misses
     views.close()
+
+    # Deployment cost: the same weights, no cache, the encoder running on the N tiles read,
+    # at the precision the features were extracted in.
+    bf16 = torch.autocast("cpu", dtype=torch.bfloat16) if cfg["bf16"] else contextlib.nullcontext()
+    timings = []
+    with bf16:
+        for rec in test[: cfg["timing_slides"]]:
+            res = predict_slide(
+                model,
+                rec.path,
+                settings,
+                sampler=sampler,
+                n_patches=n,
+                seed=cfg["seed"],
+                slide_id=rec.slide_id,
+            )
+            timings.append(res.runtime_s)
     return {
         "rows": rows,
         "train_s": train_s,
         "history": history,
-        "memo_misses": {"train": train_misses, "test": test_misses},
+        "cache_misses": {"train": train_misses, "test": test_misses},
         "infer_s": timings,
         "rss_mb": rss_peak_mb(),
     }
@@ -624,7 +557,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--encoder",
         default="efficientnet-lite0",
-        help="a preset of ats_wsi.encoders (frozen, pretrained), or 'histology' (seeded random)",
+        help="a preset of ats_wsi.encoders (frozen, pretrained; local weights)",
     )
     p.add_argument(
         "--encoder-size", type=int, default=112, help="encoder input side (patches are resized)"
@@ -632,6 +565,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-bf16", action="store_true", help="extract features in float32")
     p.add_argument("--n-cases", type=int, default=None, help="override the cohort's patients")
     p.add_argument("--test-fraction", type=float, default=0.4)
+    p.add_argument(
+        "--min-tissue", type=float, default=0.1, help="tissue fraction a tile needs to count"
+    )
     p.add_argument("--epochs-ats", type=int, default=20)
     p.add_argument("--epochs-random", type=int, default=10)
     p.add_argument("--epochs-mil", type=int, default=40)
@@ -676,7 +612,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     if args.quick:
         args.n_values = [4]
-        args.encoder, args.encoder_size = "histology", None
+        args.encoder_size = 64  # the bundled Lite0 on small inputs: CI-sized, still pretrained
         args.epochs_ats, args.epochs_random, args.epochs_mil, args.epochs_lowres = 3, 2, 5, 2
         args.timing_slides, args.bootstrap = 1, 200
         args.test_fraction = 0.5
@@ -707,6 +643,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "threads": threads,
         "read_workers": 2,
         "batch": 32,
+        "min_tissue": args.min_tissue,
         "records": records,
         "lr": 1e-3,
         "head_lr_multiplier": 10.0,
