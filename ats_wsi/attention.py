@@ -1,11 +1,12 @@
-"""Attention distributions over a whole attention map, and the entropy regulariser."""
+"""Attention distributions over a whole attention map, the entropy regulariser and the
+score-distillation term."""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
-__all__ = ["attention_distribution", "entropy_regulariser"]
+__all__ = ["attention_distribution", "entropy_regulariser", "score_distillation", "tile_scores"]
 
 
 def attention_distribution(
@@ -49,3 +50,36 @@ def attention_distribution(
 def entropy_regulariser(probs: Tensor) -> Tensor:
     """``sum_k a_k log(a_k + 1e-6) / B``: adding ``lambda *`` this to the loss raises entropy."""
     return (probs * torch.log(probs + 1e-6)).sum() / probs.shape[0]
+
+
+def tile_scores(patch_logits: Tensor) -> Tensor:
+    """How far each patch is from class 0 (the normal class): ``max_{c >= 1} z_c - z_0`` of the
+    head's logits (..., C) on single patch features; the logit margin for two classes."""
+    if patch_logits.shape[-1] < 2:
+        raise ValueError(f"tile scores need at least two classes, got {patch_logits.shape[-1]}")
+    return patch_logits[..., 1:].max(dim=-1).values - patch_logits[..., 0]
+
+
+def score_distillation(probs: Tensor, indices: Tensor, scores: Tensor, beta: float = 2.0) -> Tensor:
+    """Listwise loss pulling the attention of the sampled cells toward their patch scores.
+
+    Over the N cells a sample drew, the target is ``softmax(beta * z)`` of the scores
+    standardised within the sample (so only their order and spread matter), the prediction
+    the attention renormalised over those cells; the loss is the cross-entropy between them,
+    averaged over the batch. Scores are targets: pass them detached. Only the read patches
+    are used, so the term costs no extra read.
+
+    Args:
+        probs: (B, K) attention distribution.
+        indices: (B, N) sampled cells.
+        scores: (B, N) a score per sampled patch (e.g. :func:`tile_scores` of the head).
+        beta: sharpness of the target.
+    """
+    if indices.shape != scores.shape:
+        raise ValueError(f"indices {tuple(indices.shape)} and scores {tuple(scores.shape)} differ")
+    if indices.shape[1] < 2:
+        return probs.new_zeros(())
+    z = (scores - scores.mean(1, keepdim=True)) / (scores.std(1, keepdim=True) + 1e-6)
+    target = torch.softmax(beta * z, dim=1)
+    picked = torch.log(probs.gather(1, indices) + 1e-12)
+    return -(target * torch.log_softmax(picked, dim=1)).sum(1).mean()

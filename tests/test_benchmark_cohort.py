@@ -139,7 +139,8 @@ def test_quick_end_to_end(tmp_path: Path) -> None:
     assert main([*argv, "--figures", str(tmp_path / "figs")]) == 0
     payload = json.loads(out.read_text())
     methods = {r["method"] for r in payload["results"]}
-    assert methods == {"ats", "random", "abmil", "mean", "lowres"}
+    assert methods == {"ats", "ats-plain", "random", "abmil", "abmil-lr2e-3", "mean", "lowres"}
+    assert {g["N"] for g in payload["goal"]["per_n"]} == {4}
     for r in payload["results"]:
         assert 0.0 <= r["auc"] <= 1.0 and r["peak_rss_mb"] > 0
     ats = next(r for r in payload["results"] if r["method"] == "ats")

@@ -10,7 +10,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ats_wsi.attention import attention_distribution, entropy_regulariser
+from ats_wsi.attention import (
+    attention_distribution,
+    entropy_regulariser,
+    score_distillation,
+    tile_scores,
+)
 from ats_wsi.sampling import SAMPLERS, sample
 
 PROBS = torch.tensor([[0.5, 0.25, 0.15, 0.1, 0.0]], dtype=torch.float64)
@@ -88,3 +93,33 @@ def test_entropy_regulariser_value():
     probs = torch.tensor([[0.5, 0.5], [1.0, 0.0]])
     expected = 2 * 0.5 * torch.log(torch.tensor(0.5 + 1e-6)) + torch.log(torch.tensor(1 + 1e-6))
     torch.testing.assert_close(entropy_regulariser(probs), expected / 2)
+
+
+def test_tile_scores_are_the_margin_over_class_zero():
+    logits = torch.tensor([[[0.0, 2.0], [1.0, -1.0]], [[0.5, 0.0], [0.0, 0.0]]])
+    torch.testing.assert_close(tile_scores(logits), torch.tensor([[2.0, -2.0], [-0.5, 0.0]]))
+    three = torch.tensor([[1.0, 0.0, 3.0]])
+    torch.testing.assert_close(tile_scores(three), torch.tensor([2.0]))
+
+
+def test_score_distillation_value_and_minimum():
+    """Cross-entropy of softmax(beta z) against the attention renormalised over the drawn
+    cells; minimal (zero gradient) when the two agree, and it ignores the cells not drawn."""
+    scores = torch.tensor([[1.0, 3.0, 2.0]])
+    z = (scores - scores.mean()) / (scores.std() + 1e-6)
+    target = torch.softmax(2.0 * z, 1)
+    indices = torch.tensor([[4, 0, 2]])
+    # Attention on the drawn cells proportional to the target, the rest of the mass elsewhere.
+    logits = torch.zeros(1, 6, dtype=torch.float64, requires_grad=True)
+    with torch.no_grad():
+        logits[0, indices[0]] = torch.log(target[0].double()) + 1.0
+    probs = torch.softmax(logits, 1)
+    loss = score_distillation(probs, indices, scores.double())
+    entropy = -(target * torch.log(target)).sum()
+    torch.testing.assert_close(loss.float(), entropy, atol=1e-5, rtol=0)
+    loss.backward()
+    assert logits.grad.abs().max() < 1e-6
+    # Attention piled on a cell that is not the best-scored one raises the loss.
+    worse = torch.softmax(torch.tensor([[0.0, 0, 3.0, 0, 0, 0]]), 1)
+    assert score_distillation(worse, torch.tensor([[4, 0, 2]]), scores) > entropy + 0.5
+    assert score_distillation(probs, indices[:, :1], scores[:, :1]) == 0  # one cell: nothing

@@ -300,6 +300,7 @@ def _ats_task(cfg: dict[str, Any]) -> dict[str, Any]:
             optimizer=optim,
             class_weights=weights,
             entropy_lambda=cfg["entropy_lambda"] if kind == "ats" else 0.0,
+            distill_lambda=cfg["distill_lambda"] if kind == "ats" else 0.0,
             accumulate=cfg["accumulate"],
             clip_norm=1.0,
             amp=False,
@@ -563,13 +564,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--encoder-size", type=int, default=112, help="encoder input side (patches are resized)"
     )
     p.add_argument("--no-bf16", action="store_true", help="extract features in float32")
-    p.add_argument("--n-cases", type=int, default=None, help="override the cohort's patients")
+    p.add_argument("--n-cases", type=int, default=120, help="patients (1-2 slides each)")
     p.add_argument("--test-fraction", type=float, default=0.4)
     p.add_argument(
-        "--min-tissue", type=float, default=0.1, help="tissue fraction a tile needs to count"
+        "--min-tissue", type=float, default=0.5, help="tissue fraction a tile needs to count"
     )
-    p.add_argument("--epochs-ats", type=int, default=20)
-    p.add_argument("--epochs-random", type=int, default=10)
+    p.add_argument(
+        "--distill", type=float, default=1.0, help="ATS score-distillation weight (0: paper's)"
+    )
+    p.add_argument(
+        "--plain-n", type=int, nargs="*", default=[8], help="N values of the no-distill ATS"
+    )
+    p.add_argument("--epochs-ats", type=int, default=50)
+    p.add_argument("--epochs-random", type=int, default=20)
     p.add_argument("--epochs-mil", type=int, default=40)
     p.add_argument("--epochs-lowres", type=int, default=30)
     p.add_argument("--timing-slides", type=int, default=2, help="test slides timed end to end")
@@ -600,7 +607,7 @@ def _cohort_config(args: argparse.Namespace) -> Any:
         )
     else:
         cfg = CohortConfig(workers=args.gen_workers)
-    if args.n_cases:
+    if args.n_cases and not args.quick:
         cfg = CohortConfig(**{**cfg.__dict__, "n_cases": args.n_cases})
     return cfg
 
@@ -611,7 +618,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from ats_wsi.slides.realistic_cohort import CLASSES, make_cohort
 
     if args.quick:
-        args.n_values = [4]
+        args.n_values = args.plain_n = [4]
         args.encoder_size = 64  # the bundled Lite0 on small inputs: CI-sized, still pretrained
         args.epochs_ats, args.epochs_random, args.epochs_mil, args.epochs_lowres = 3, 2, 5, 2
         args.timing_slides, args.bootstrap = 1, 200
@@ -648,6 +655,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "lr": 1e-3,
         "head_lr_multiplier": 10.0,
         "entropy_lambda": 1e-2,
+        "distill_lambda": args.distill,
         "accumulate": 2,
         "epochs_ats": args.epochs_ats,
         "epochs_random": args.epochs_random,
@@ -685,7 +693,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for n in args.n_values:
         results[f"ats_{n}"] = sub("ats", n=n)
         results[f"random_{n}"] = sub("random", n=n)
+    for n in args.plain_n:  # the ablation: end to end as in the paper, no distillation
+        results[f"ats-plain_{n}"] = sub("ats", n=n, distill_lambda=0.0)
     results["abmil"] = sub("abmil")
+    # ABMIL at 10x CLAM's learning rate as well: the reference is whichever is better.
+    results["abmil-lr2e-3"] = sub("abmil", mil_lr=2e-3)
     results["mean"] = sub("mean")
     results["lowres"] = sub("lowres")
 
@@ -700,14 +712,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         metrics = bootstrap_ci(
             [r["y"] for r in rows], [r["p"] for r in rows], args.bootstrap, args.seed
         )
-        if method in ("ats", "random"):
+        if method in ("ats", "ats-plain", "random"):
             read, fwd = int(n), int(n)
             infer = float(np.mean(res["infer_s"]))
             loc = _localisation(rows, cohort)
-        elif method in ("abmil", "mean"):
+        elif method in ("abmil", "abmil-lr2e-3", "mean"):
             read = fwd = mean_test_tiles
             infer = exhaustive_s + res["head_s"]
-            loc = _localisation(rows, cohort, max(args.n_values)) if method == "abmil" else None
+            top = max(args.n_values)
+            loc = None if method == "mean" else _localisation(rows, cohort, top)
         else:
             read = fwd = 0
             infer = float(np.mean(res["infer_s"]))
@@ -722,7 +735,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "encoder_forwards_per_slide": fwd,
                 "train_s": res["train_s"],
                 "train_s_incl_extraction": res["train_s"]
-                + (extract_train_s if method in ("abmil", "mean") else 0.0),
+                + (extract_train_s if read == mean_test_tiles else 0.0),
                 "infer_s_per_slide": infer,
                 "peak_rss_mb": res["rss_mb"],
                 "lesion_hit_fraction": None if loc is None else loc["mean"],
@@ -730,6 +743,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             }
         )
     _print_table(table, mean_test_tiles)
+    goal = goal_verdict(table)
+    print(f"cohort: goal {'met' if goal['met'] else 'NOT met'}: {goal['detail']}")
     payload = {
         "config": {
             **{k: v for k, v in base.items() if k not in ("records",)},
@@ -769,6 +784,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "per_slide": base_rate,
         },
         "results": table,
+        "goal": goal,
         "raw": {k: {kk: vv for kk, vv in v.items()} for k, v in results.items()},
         "wall_s": time.perf_counter() - t_start,
     }
@@ -777,16 +793,51 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return payload
 
 
+def goal_verdict(table: list[dict[str, Any]]) -> dict[str, Any]:
+    """The issue's goal per N: ATS AUC within 0.01 of the best ABMIL row, at least 0.10 above
+    random-N at the same N, decoding at most 5 % of the tissue tiles; met if any N meets it."""
+    abmil = max(r["auc"] for r in table if r["method"].startswith("abmil"))
+    random = {r["N"]: r["auc"] for r in table if r["method"] == "random"}
+    per_n = []
+    for r in (r for r in table if r["method"] == "ats"):
+        ok = (
+            r["auc"] >= abmil - 0.01
+            and r["auc"] >= random.get(r["N"], 1.0) + 0.10
+            and r["tile_fraction"] <= 0.05
+        )
+        per_n.append(
+            {
+                "N": r["N"],
+                "auc": r["auc"],
+                "gap_to_abmil": r["auc"] - abmil,
+                "gain_over_random": r["auc"] - random.get(r["N"], float("nan")),
+                "tile_fraction": r["tile_fraction"],
+                "met": ok,
+            }
+        )
+    detail = "; ".join(
+        f"N={g['N']}: AUC {g['auc']:.3f} ({g['gap_to_abmil']:+.3f} vs ABMIL {abmil:.3f}, "
+        f"{g['gain_over_random']:+.3f} vs random, {100 * g['tile_fraction']:.1f} % of tiles)"
+        for g in per_n
+    )
+    return {
+        "abmil_auc": abmil,
+        "per_n": per_n,
+        "met": any(g["met"] for g in per_n),
+        "detail": detail,
+    }
+
+
 def _print_table(table: list[dict[str, Any]], tiles: float) -> None:
     print(f"cohort: mean tissue tiles per test slide {tiles:.0f}")
     print(
-        f"{'method':<8} {'N':>4} {'AUC':>6} {'95% CI':>13} {'bal.acc':>7} {'95% CI':>13} "
+        f"{'method':<12} {'N':>4} {'AUC':>6} {'95% CI':>13} {'bal.acc':>7} {'95% CI':>13} "
         f"{'tiles':>6} {'%':>5} {'train s':>8} {'s/slide':>8} {'RSS MB':>7} {'lesion':>6}"
     )
     for r in table:
         hit = "" if r["lesion_hit_fraction"] is None else f"{r['lesion_hit_fraction']:.2f}"
         print(
-            f"{r['method']:<8} {r['N'] or '':>4} {r['auc']:>6.3f} "
+            f"{r['method']:<12} {r['N'] or '':>4} {r['auc']:>6.3f} "
             f"[{r['auc_ci'][0]:.2f}, {r['auc_ci'][1]:.2f}] {r['balanced_accuracy']:>7.3f} "
             f"[{r['balanced_accuracy_ci'][0]:.2f}, {r['balanced_accuracy_ci'][1]:.2f}] "
             f"{r['tiles_per_slide']:>6.0f} {100 * r['tile_fraction']:>5.1f} {r['train_s']:>8.1f} "
@@ -809,8 +860,11 @@ def _figures(
     table = payload["results"]
     files = []
     fig, ax = plt.subplots(figsize=(5.2, 3.6), dpi=110)
-    for method, colour in (("ats", "tab:red"), ("random", "tab:blue")):
+    labels = {"ats": "ATS", "ats-plain": "ATS, no distillation", "random": "random-N"}
+    for method, colour in (("ats", "tab:red"), ("ats-plain", "tab:orange"), ("random", "tab:blue")):
         rs = sorted((r for r in table if r["method"] == method), key=lambda r: r["N"])
+        if not rs:
+            continue
         x = [r["tiles_per_slide"] for r in rs]
         y = [r["auc"] for r in rs]
         err = np.array([[r["auc"] - r["auc_ci"][0], r["auc_ci"][1] - r["auc"]] for r in rs]).T
@@ -821,9 +875,9 @@ def _figures(
             marker="o",
             capsize=3,
             color=colour,
-            label="ATS" if method == "ats" else "random-N",
+            label=labels[method],
         )
-    for method, style in (("abmil", "-"), ("mean", "--"), ("lowres", ":")):
+    for method, style in (("abmil", "-"), ("abmil-lr2e-3", "-."), ("mean", "--"), ("lowres", ":")):
         r = next(r for r in table if r["method"] == method)
         ax.axhline(
             r["auc"],

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ats_wsi.attention import entropy_regulariser
+from ats_wsi.attention import entropy_regulariser, score_distillation, tile_scores
 from ats_wsi.io import LowResItem, LowResLoader, Prefetcher, SlidePatchSource, mask_to_grid
 from ats_wsi.io.readers import SlideReader, open_slide
 from ats_wsi.model import ATSModel, ATSOutput
@@ -371,6 +371,8 @@ def run_slides(
     device: torch.device | str = "cpu",
     class_weights: Tensor | None = None,
     entropy_lambda: float = 0.0,
+    distill_lambda: float = 0.0,
+    distill_beta: float = 2.0,
     accumulate: int = 1,
     clip_norm: float | None = None,
     amp: bool = True,
@@ -389,7 +391,10 @@ def run_slides(
     Training accumulates gradients over ``accumulate`` slides per step; under DDP the gradient
     all-reduce happens only on the step's last slide. The loss of a slide is its class weight
     times its cross-entropy (a per-sample weight: ``F.cross_entropy(weight=...)`` would divide it
-    out again for a one-slide batch) plus ``entropy_lambda`` times the entropy regulariser.
+    out again for a one-slide batch) plus ``entropy_lambda`` times the entropy regulariser, plus
+    ``distill_lambda`` times :func:`~ats_wsi.attention.score_distillation` of the attention
+    toward the head's :func:`~ats_wsi.attention.tile_scores` of the patches it read (no
+    gradient into the head or the features from that term).
 
     A NaN or infinite training loss raises :class:`~ats_wsi.training.NonFiniteLossError`
     naming ``where``, the optimiser step and the slide, before its backward pass.
@@ -436,6 +441,9 @@ def run_slides(
                         feature_cache=feature_cache,
                     )
                     logits, att = out.logits, out.probs
+                    if distill_lambda and train:
+                        with torch.no_grad():
+                            scores = tile_scores(_core(model).head(out.features.float()))
                 else:
                     logits, att = baseline_slide_forward(model, item, settings, device), None
             logits = logits.float()
@@ -443,6 +451,9 @@ def run_slides(
             loss = ce * (weights[rec.y] if weights is not None else 1.0)
             if entropy_lambda and att is not None:
                 loss = loss + entropy_lambda * entropy_regulariser(att.float())
+            if distill_lambda and train and kind == "ats":
+                distill = score_distillation(att.float(), out.indices, scores, distill_beta)
+                loss = loss + distill_lambda * distill
             if train:
                 check_finite(loss, f"{where}, step {k // accumulate + 1}, slide {rec.slide_id}")
                 scaled = loss / accumulate

@@ -15,6 +15,7 @@ import math
 from collections.abc import Mapping, Sequence
 from os import PathLike
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -294,23 +295,17 @@ def mpp_spec(
 def _stratified_group_split(
     y: np.ndarray, groups: np.ndarray, fraction: float, seed: int
 ) -> np.ndarray:
-    """Boolean mask of about ``fraction`` of the rows, whole groups only, stratified by ``y``."""
-    from sklearn.model_selection import GroupShuffleSplit, StratifiedGroupKFold
-
+    """Boolean mask of whole groups: ``round(fraction * cases)`` of the cases of each label
+    (a case's label is its slides' highest), drawn from ``seed``."""
     if fraction <= 0:
         return np.zeros(len(y), dtype=bool)
-    n_splits = max(2, round(1 / fraction))
-    per_class = min(len(set(groups[y == c])) for c in np.unique(y))
-    if per_class >= n_splits:
-        folds = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
-        _, held = next(folds.split(np.zeros(len(y)), y, groups))
-    else:
-        # Too few cases of some class for stratified folds: an unstratified group split.
-        gss = GroupShuffleSplit(n_splits=1, test_size=fraction, random_state=seed)
-        _, held = next(gss.split(np.zeros(len(y)), y, groups))
-    mask = np.zeros(len(y), dtype=bool)
-    mask[held] = True
-    return mask
+    labels = pd.Series(y).groupby(groups, sort=True).max()
+    rng = np.random.default_rng(seed)
+    held: list[Any] = []
+    for label in sorted(labels.unique()):
+        cases = labels.index[labels == label].to_numpy()
+        held.extend(rng.permutation(cases)[: int(np.floor(fraction * len(cases) + 0.5))])
+    return np.isin(groups, np.asarray(held, dtype=groups.dtype))
 
 
 def make_splits(

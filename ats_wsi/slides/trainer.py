@@ -93,6 +93,8 @@ SCHEMA: dict[str, Any] = {
         "weight_decay": (_NUM, 0.0),
         "accumulate": ((int,), 2),
         "entropy_lambda": (_NUM, 1e-2),
+        "distill_lambda": (_NUM, 0.0),  # attention toward the head's tile scores (slides.md)
+        "distill_beta": (_NUM, 2.0),
         "clip_norm": (_OPT_NUM, 1.0),
         "class_balanced": ((bool,), True),
         "amp": ((bool,), True),
@@ -232,6 +234,8 @@ def fit_slides(
             device=device,
             class_weights=weights,
             entropy_lambda=tcfg["entropy_lambda"],
+            distill_lambda=tcfg["distill_lambda"],
+            distill_beta=tcfg["distill_beta"],
             accumulate=tcfg["accumulate"],
             clip_norm=tcfg["clip_norm"],
             amp=use_amp,

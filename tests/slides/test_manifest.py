@@ -134,6 +134,14 @@ def test_splits_keep_cases_together_and_stratify() -> None:
     assert 5 <= test_cases <= 10  # about a quarter of 30 cases
 
 
+def test_split_fractions_are_exact_per_label() -> None:
+    df = _cohort(n_cases=50)  # 17 positive cases, 33 negative
+    out = make_splits(df, val_fraction=0.0, test_fraction=0.4, seed=0)
+    cases = out.groupby("case_id").agg(y=("y", "max"), split=("split", "first"))
+    test = cases[cases.split == "test"]
+    assert (test.y == 1).sum() == 7 and (test.y == 0).sum() == 13  # round(0.4 * n) of each
+
+
 def test_splits_are_seeded() -> None:
     a = make_splits(_cohort(), seed=1).split.tolist()
     assert a == make_splits(_cohort(), seed=1).split.tolist()
