@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ats_wsi.io.readers import Closing, SlideReader, open_slide
+from ats_wsi.io.readers import Closing, MppSpec, SlideReader, open_slide
 
 __all__ = ["LowResItem", "LowResLoader", "Prefetcher"]
 
@@ -63,7 +63,7 @@ class LowResLoader:
     mpp: float = 8.0
     tissue: bool = True
     backend: str | None = None
-    slide_mpp: float | None = None
+    slide_mpp: float | MppSpec | None = None
     objective_power: float | None = None
 
     def __call__(self, path: str | PathLike[str]) -> LowResItem:

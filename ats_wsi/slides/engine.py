@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from ats_wsi.attention import entropy_regulariser, score_distillation, tile_scores
 from ats_wsi.io import LowResItem, LowResLoader, Prefetcher, SlidePatchSource, mask_to_grid
-from ats_wsi.io.readers import SlideReader, open_slide
+from ats_wsi.io.readers import MppSpec, SlideReader, open_slide
 from ats_wsi.model import ATSModel, ATSOutput
 from ats_wsi.nets import ConvStack
 from ats_wsi.training import check_finite
@@ -61,7 +61,7 @@ class SlideSettings:
         patch_size: patch side in pixels at ``patch_mpp``.
         min_tissue: tissue fraction a cell needs to be sampled; 0 disables the tissue mask.
         backend: reader backend (None: from the file name).
-        slide_mpp: level-0 mpp overriding the file's metadata.
+        slide_mpp: level-0 mpp overriding the file's metadata, or an :class:`MppSpec`.
         read_workers: threads reading the patches of one slide.
     """
 
@@ -70,7 +70,7 @@ class SlideSettings:
     patch_size: int = 32
     min_tissue: float = 0.1
     backend: str | None = None
-    slide_mpp: float | None = None
+    slide_mpp: float | MppSpec | None = None
     read_workers: int = 4
 
     @classmethod
