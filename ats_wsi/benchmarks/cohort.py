@@ -18,14 +18,13 @@ default) on the same 256 px tiles at 0.5 um/px:
 * ``lowres``: :class:`~ats_wsi.slides.engine.LowResBaseline` on the 16 um/px view.
 
 The features of every tissue tile are extracted once per slide (``features/<encoder>/`` in the
-cohort folder, npz) and cached: ABMIL and mean pooling read them, and the ATS / random-N
-training runs look the sampled tiles up there by content (:class:`ContentMemo`: every sampled
-tile is one of the extracted ones because the attention cells are the tile grid; the few that
-are not, border tiles, are encoded live and counted), so training costs almost no encoder
-forward. Costs are reported per slide at test time as a deployment would pay
-them: tiles decoded and encoder forwards (N for ATS / random-N, all tissue tiles for the
-exhaustive methods), and inference seconds measured end to end (view, mask, reads, encoder)
-with the encoder actually running. Every method runs in a fresh subprocess so that its peak
+cohort folder, npz): ABMIL and mean pooling read them, and the ATS / random-N runs are served
+from them through :class:`~ats_wsi.encoders.FeatureCache` (the attention cells are the tile
+grid, so every sampled tile is an extracted one; a miss would be encoded and is counted), so
+neither their training nor their test decodes or encodes a tile. Costs are reported per slide
+at test time as a deployment would pay them: tiles decoded and encoder forwards (N for ATS /
+random-N, all tissue tiles for the exhaustive methods), and inference seconds measured end to
+end (view, mask, reads, encoder) with the encoder actually running. Every method runs in a fresh subprocess so that its peak
 RSS is its own.
 """
 
