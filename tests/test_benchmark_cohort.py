@@ -126,6 +126,22 @@ def test_bootstrap_ci() -> None:
     assert noisy["auc_ci"][0] < noisy["auc"] < noisy["auc_ci"][1] or noisy["auc_ci"][0] == 0
 
 
+def test_lesion_size_auc_splits_positives_by_largest_lesion() -> None:
+    rows = [
+        {"slide_id": "n0", "y": 0, "p": 0.1},
+        {"slide_id": "n1", "y": 0, "p": 0.6},
+        {"slide_id": "s0", "y": 1, "p": 0.5},  # largest lesion 250 um: small
+        {"slide_id": "l0", "y": 1, "p": 0.9},  # 250 and 400 um: large
+        {"slide_id": "l1", "y": 1, "p": 0.7},
+    ]
+    diam = {"n0": [], "n1": [], "s0": [250.0], "l0": [250.0, 400.0], "l1": [300.0]}
+    out = bc.lesion_size_auc(rows, diam, threshold_um=300.0)
+    # small: 0.5 beats 0.1, loses to 0.6 -> 1/2; large: 0.9 and 0.7 beat both negatives.
+    assert out == {"threshold_um": 300.0, "small": 0.5, "n_small": 1, "large": 1.0, "n_large": 2}
+    none = bc.lesion_size_auc(rows[:2] + rows[3:], diam)
+    assert none["small"] is None and none["n_small"] == 0 and none["large"] == 1.0
+
+
 @pytest.mark.slow
 def test_quick_end_to_end(tmp_path: Path) -> None:
     """``python -m pipelines.benchmark cohort --quick``: every method runs and is reported."""

@@ -24,8 +24,9 @@ grid, so every sampled tile is an extracted one; a miss would be encoded and is 
 neither their training nor their test decodes or encodes a tile. Costs are reported per slide
 at test time as a deployment would pay them: tiles decoded and encoder forwards (N for ATS /
 random-N, all tissue tiles for the exhaustive methods), and inference seconds measured end to
-end (view, mask, reads, encoder) with the encoder actually running. Every method runs in a fresh subprocess so that its peak
-RSS is its own.
+end (view, mask, reads, encoder) with the encoder actually running. Every method runs in a
+fresh subprocess so that its peak RSS is its own. AUC is also reported apart for positive
+slides whose largest lesion is small (:func:`lesion_size_auc`).
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ __all__ = [
     "feature_cache",
     "add_arguments",
     "bootstrap_ci",
+    "lesion_size_auc",
     "run",
     "worker",
 ]
@@ -55,6 +57,8 @@ HELP = "slide-level AUC and cost on a CAMELYON-like cohort: ATS vs random-N vs A
 WORKER = "ats_wsi.benchmarks.cohort"
 TILE_PX = 256
 PATCH_MPP = 0.5
+# Largest lesion below this: at most ~2 tiles (128 um) across, under 19 view pixels at 16 um/px.
+SMALL_LESION_UM = 300.0
 ATTENTION_MPP = 16.0
 POOL = int(TILE_PX * PATCH_MPP / ATTENTION_MPP)  # view pixels per tile side (8)
 LESION_TILE = 0.1  # a tile counts as lesion when at least this fraction of it is tumour
@@ -519,6 +523,35 @@ def bootstrap_ci(
     }
 
 
+def lesion_size_auc(
+    rows: Sequence[dict[str, Any]],
+    diameters_um: dict[str, Sequence[float]],
+    threshold_um: float = SMALL_LESION_UM,
+) -> dict[str, Any]:
+    """ROC AUC of all negative slides against the positive slides whose largest lesion is
+    below ``threshold_um`` ("small") and against the rest ("large"); None for an empty side.
+
+    ``rows`` hold ``slide_id``, ``y`` and ``p``; ``diameters_um`` maps a slide to its lesion
+    diameters. CAMELYON reports micro- and macro-metastases apart for the same reason: a
+    slide-level AUC over mostly large lesions hides how a method does on small ones.
+    """
+    from sklearn.metrics import roc_auc_score
+
+    neg = [r["p"] for r in rows if r["y"] == 0]
+    pos = {"small": [], "large": []}
+    for r in rows:
+        if r["y"] == 1:
+            big = max(diameters_um[r["slide_id"]], default=0.0)
+            pos["small" if big < threshold_um else "large"].append(r["p"])
+    out: dict[str, Any] = {"threshold_um": threshold_um}
+    for k, ps in pos.items():
+        ok = bool(ps) and bool(neg)
+        y = [0] * len(neg) + [1] * len(ps)
+        out[k] = float(roc_auc_score(y, neg + ps)) if ok else None
+        out[f"n_{k}"] = len(ps)
+    return out
+
+
 def _localisation(rows: list[dict[str, Any]], cohort: Any, k: int | None = None) -> dict:
     """Fraction of a method's read tiles (first ``k``) inside a lesion, on positive slides."""
     from ats_wsi.slides.realistic_cohort import lesion_geometry, tile_lesion_fraction
@@ -704,6 +737,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     base_rate = _base_rate(cohort, feature_dir, pos_test)
     exhaustive_s = float(np.mean([costs[s]["total_s"] for s in test_ids]))
     extract_train_s = float(sum(costs[s]["total_s"] for s in train_ids))
+    diameters = {s["slide_id"]: s["lesion_diameters_um"] for s in cohort.slides}
     table = []
     for name, res in results.items():
         method, _, n = name.partition("_")
@@ -738,6 +772,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "infer_s_per_slide": infer,
                 "peak_rss_mb": res["rss_mb"],
                 "lesion_hit_fraction": None if loc is None else loc["mean"],
+                "auc_by_lesion_size": lesion_size_auc(rows, diameters),
                 "wall_s": res["wall_s"],
             }
         )
@@ -831,17 +866,25 @@ def _print_table(table: list[dict[str, Any]], tiles: float) -> None:
     print(f"cohort: mean tissue tiles per test slide {tiles:.0f}")
     print(
         f"{'method':<12} {'N':>4} {'AUC':>6} {'95% CI':>13} {'bal.acc':>7} {'95% CI':>13} "
-        f"{'tiles':>6} {'%':>5} {'train s':>8} {'s/slide':>8} {'RSS MB':>7} {'lesion':>6}"
+        f"{'tiles':>6} {'%':>5} {'train s':>8} {'s/slide':>8} {'RSS MB':>7} {'lesion':>6} "
+        f"{'AUC small':>9} {'AUC large':>9}"
     )
+
+    def num(v: float | None) -> str:
+        return "" if v is None else f"{v:.2f}"
+
     for r in table:
-        hit = "" if r["lesion_hit_fraction"] is None else f"{r['lesion_hit_fraction']:.2f}"
+        hit = num(r["lesion_hit_fraction"])
+        size = r["auc_by_lesion_size"]
         print(
             f"{r['method']:<12} {r['N'] or '':>4} {r['auc']:>6.3f} "
             f"[{r['auc_ci'][0]:.2f}, {r['auc_ci'][1]:.2f}] {r['balanced_accuracy']:>7.3f} "
             f"[{r['balanced_accuracy_ci'][0]:.2f}, {r['balanced_accuracy_ci'][1]:.2f}] "
             f"{r['tiles_per_slide']:>6.0f} {100 * r['tile_fraction']:>5.1f} {r['train_s']:>8.1f} "
-            f"{r['infer_s_per_slide']:>8.2f} {r['peak_rss_mb']:>7.0f} {hit:>6}"
+            f"{r['infer_s_per_slide']:>8.2f} {r['peak_rss_mb']:>7.0f} {hit:>6} "
+            f"{num(size['small']):>9} {num(size['large']):>9}"
         )
+    print(f"(small / large: largest lesion under / at least {SMALL_LESION_UM:.0f} um)")
 
 
 def _figures(
