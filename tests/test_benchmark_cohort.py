@@ -85,6 +85,18 @@ def test_tile_grid_cells_are_the_tiles() -> None:
     assert tl.tolist() == [[256 * (i // 5), 256 * (i % 5)] for i in range(15)]
 
 
+def test_attention_view_sets_the_tile_grid_and_the_feature_key() -> None:
+    assert bc._pool(16.0) == 8 and bc._pool(8.0) == 16  # a 128 um tile in view pixels
+    for bad in (5.0, 256.0):
+        with pytest.raises(ValueError, match="must divide"):
+            bc._pool(bad)
+    cfg = {"encoder": "efficientnet-lite0", "encoder_size": 112, "bf16": True, "min_tissue": 0.5}
+    keys = {m: bc._encoder_key({**cfg, "attention_mpp": m}) for m in (16.0, 8.0)}
+    # The view's tissue mask decides the grid, so another view gets its own feature folder.
+    assert keys[16.0] != keys[8.0]
+    assert keys[16.0] == bc._encoder_key({**cfg, "attention_mpp": 16.0})
+
+
 def test_feature_cache_serves_the_model_without_reads(tmp_path: Path) -> None:
     """The extracted features are keyed as ATSModel looks them up: no read, no encode."""
     from ats_wsi.io import SlidePatchSource

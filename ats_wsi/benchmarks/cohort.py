@@ -59,19 +59,28 @@ TILE_PX = 256
 PATCH_MPP = 0.5
 # Largest lesion below this: at most ~2 tiles (128 um) across, under 19 view pixels at 16 um/px.
 SMALL_LESION_UM = 300.0
-ATTENTION_MPP = 16.0
-POOL = int(TILE_PX * PATCH_MPP / ATTENTION_MPP)  # view pixels per tile side (8)
+ATTENTION_MPP = 16.0  # default view: one 256 px tile is 8 x 8 view pixels
 LESION_TILE = 0.1  # a tile counts as lesion when at least this fraction of it is tumour
 
 
 # ----------------------------------------------------------------------------- settings
 
 
+def _pool(attention_mpp: float) -> int:
+    """View pixels per tile side: one attention cell is one 256 px tile."""
+    pool = TILE_PX * PATCH_MPP / attention_mpp
+    if pool < 1 or pool != int(pool):
+        raise ValueError(
+            f"attention mpp {attention_mpp} must divide the tile's {TILE_PX * PATCH_MPP} um"
+        )
+    return int(pool)
+
+
 def _settings(cfg: dict[str, Any]) -> Any:
     from ats_wsi.slides.engine import SlideSettings
 
     return SlideSettings(
-        attention_mpp=ATTENTION_MPP,
+        attention_mpp=cfg["attention_mpp"],
         patch_mpp=PATCH_MPP,
         patch_size=TILE_PX,
         min_tissue=cfg["min_tissue"],
@@ -101,10 +110,10 @@ def _build_encoder(cfg: dict[str, Any]) -> Any:
 
 def _encoder_key(cfg: dict[str, Any]) -> str:
     """Feature folder name: the encoder, its precision and the tile grid it was run on."""
-    text = json.dumps(
-        {"spec": _feature_spec(cfg), "bf16": cfg["bf16"], "min_tissue": cfg["min_tissue"]},
-        sort_keys=True,
-    )
+    key = {"spec": _feature_spec(cfg), "bf16": cfg["bf16"], "min_tissue": cfg["min_tissue"]}
+    if cfg["attention_mpp"] != ATTENTION_MPP:  # the tissue mask, so the grid, is the view's
+        key["attention_mpp"] = cfg["attention_mpp"]
+    text = json.dumps(key, sort_keys=True)
     name = cfg["encoder"] + (f"-{cfg['encoder_size']}" if cfg.get("encoder_size") else "")
     return f"{name}-{hashlib.sha1(text.encode()).hexdigest()[:8]}"
 
@@ -130,7 +139,8 @@ def _tile_grid(item: Any, settings: Any) -> tuple[np.ndarray, tuple[int, int], A
     from ats_wsi.slides.engine import tissue_grid
 
     h, w = item.image.shape[:2]
-    grid = (h // POOL, w // POOL)
+    pool = _pool(settings.attention_mpp)
+    grid = (h // pool, w // pool)
     cells = tissue_grid(item, grid, settings, 0)[0].numpy().ravel()
     idx = np.flatnonzero(cells)
     height, width = item.dimensions[1], item.dimensions[0]
@@ -267,10 +277,11 @@ def _ats_task(cfg: dict[str, Any]) -> dict[str, Any]:
     settings = _settings(cfg)
     kind, n = cfg["task"], int(cfg["n"])
     seed_everything(cfg["seed"])
+    pool = _pool(cfg["attention_mpp"])
     attention = (
-        {"name": "tile_pool", "width": 16, "pool": POOL}
+        {"name": "tile_pool", "width": 16, "pool": pool}
         if kind == "ats"
-        else {"name": "uniform_tiles", "pool": POOL}
+        else {"name": "uniform_tiles", "pool": pool}
     )
     model = build_model(
         {
@@ -602,6 +613,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--min-tissue", type=float, default=0.5, help="tissue fraction a tile needs to count"
     )
     p.add_argument(
+        "--attention-mpp",
+        type=float,
+        default=ATTENTION_MPP,
+        help="um/px of the view the attention net sees (must divide the tile's 128 um)",
+    )
+    p.add_argument(
         "--distill", type=float, default=1.0, help="ATS score-distillation weight (0: paper's)"
     )
     p.add_argument(
@@ -683,6 +700,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "read_workers": 2,
         "batch": 32,
         "min_tissue": args.min_tissue,
+        "attention_mpp": args.attention_mpp,
         "records": records,
         "lr": 1e-3,
         "head_lr_multiplier": 10.0,
@@ -943,14 +961,15 @@ def _figures(
     n_show = 16 if 16 in args.n_values else args.n_values[0]
     rows = [r for r in results[f"ats_{n_show}"]["rows"] if "attention" in r][:4]
     if rows:
-        loader = LowResLoader(mpp=ATTENTION_MPP, tissue=False)
+        loader = LowResLoader(mpp=args.attention_mpp, tissue=False)
+        pool = _pool(args.attention_mpp)
         fig, axes = plt.subplots(1, len(rows), figsize=(2.8 * len(rows), 3.0), dpi=100)
         for ax, r in zip(np.atleast_1d(axes), rows, strict=False):
             item = loader(cohort.slide_path(r["slide_id"]))
             att = np.asarray(r["attention"])
             h, w = item.image.shape[:2]
             ax.imshow(item.image)
-            ax.imshow(np.kron(att, np.ones((POOL, POOL)))[:h, :w], cmap="magma", alpha=0.55)
+            ax.imshow(np.kron(att, np.ones((pool, pool)))[:h, :w], cmap="magma", alpha=0.55)
             data = json.loads(cohort.lesion_path(r["slide_id"]).read_text())
             s = 1.0 / item.scale[1]
             for f in data["features"]:
