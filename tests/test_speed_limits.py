@@ -265,7 +265,7 @@ def test_small_config_learns_above_chance(tmp_path: Path) -> None:
     config = ROOT / "configs" / "speed_limits_small.yaml"
     assert pipe.main(["--config", str(config), "--out", str(tmp_path), "--no-progress"]) == 0
     models = json.loads((tmp_path / "results.json").read_text())["models"]
-    # Chance is 75 % error. Measured with this seed on 2 threads: ATS 6.8 %, low-res CNN 60 %;
-    # ATS first went under 40 % at epoch 8 of 12 (docs/speed_limits.md).
+    # Chance is 75 % error. Measured with this seed on 2 threads: ATS 2.0 %, low-res CNN 60 %;
+    # ATS first went under 40 % at epoch 6 of 12 (docs/speed_limits.md).
     assert models["ats"]["test_error"] <= 0.40, models["ats"]
     assert models["ats"]["test_error"] <= models["low_res_cnn"]["test_error"] - 0.2, models
