@@ -110,10 +110,9 @@ def _build_encoder(cfg: dict[str, Any]) -> Any:
 
 def _encoder_key(cfg: dict[str, Any]) -> str:
     """Feature folder name: the encoder, its precision and the tile grid it was run on."""
-    key = {"spec": _feature_spec(cfg), "bf16": cfg["bf16"], "min_tissue": cfg["min_tissue"]}
-    if cfg["attention_mpp"] != ATTENTION_MPP:  # the tissue mask, so the grid, is the view's
-        key["attention_mpp"] = cfg["attention_mpp"]
-    text = json.dumps(key, sort_keys=True)
+    # The tissue mask, so the grid, is computed on the attention view.
+    key = {k: cfg[k] for k in ("bf16", "min_tissue", "attention_mpp")}
+    text = json.dumps({"spec": _feature_spec(cfg), **key}, sort_keys=True)
     name = cfg["encoder"] + (f"-{cfg['encoder_size']}" if cfg.get("encoder_size") else "")
     return f"{name}-{hashlib.sha1(text.encode()).hexdigest()[:8]}"
 
