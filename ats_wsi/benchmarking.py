@@ -1,12 +1,13 @@
 """Measurement helpers shared by every benchmark: machine description, interleaved timing,
-peak tensor memory, per-sample step cost, JSON output. Kept free of benchmark logic so every
-benchmark reports the same fields."""
+process and tensor peak memory, per-sample step cost, JSON output. Kept free of benchmark logic
+so every benchmark reports the same fields."""
 
 from __future__ import annotations
 
 import json
 import os
 import platform
+import resource
 import statistics
 import sys
 import time
@@ -28,6 +29,7 @@ __all__ = [
     "cpu_model",
     "describe_machine",
     "measure_step_cost",
+    "rss_peak_mb",
     "time_call",
     "time_interleaved",
     "write_json",
@@ -71,6 +73,25 @@ def describe_machine() -> dict[str, Any]:
                 {"name": props.name, "memory_gib": round(props.total_memory / 2**30, 1)}
             )
     return info
+
+
+def rss_peak_mb() -> float:
+    """This process's own resident-set high-water mark in MiB.
+
+    Linux: ``VmHWM`` of ``/proc/self/status``, the peak of this process's address space.
+    ``getrusage(...).ru_maxrss`` is kept across ``exec``, so a worker started by a parent that
+    once held a few GB would report the parent's peak; it is the fallback where ``/proc`` is
+    missing (macOS: bytes, elsewhere KiB).
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 2**10  # kB
+    except OSError:
+        pass
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
 
 
 def _sync(device: torch.device | str | None) -> None:
@@ -124,11 +145,15 @@ def time_call(
 
 
 def write_json(path: str | Path, payload: dict[str, Any]) -> Path:
-    """Write ``payload`` (plus a UTC timestamp) as indented JSON, creating parent folders."""
+    """Write ``payload`` (plus a UTC timestamp) as indented JSON, atomically, creating parent
+    folders."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"timestamp_utc": datetime.now(UTC).isoformat(timespec="seconds"), **payload}
-    path.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+    # Written beside and renamed: an interrupted run never leaves half a result behind.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
     return path
 
 
@@ -239,20 +264,12 @@ def measure_step_cost(
                 loss.backward()
         model.zero_grad(set_to_none=True)
 
-    step()  # warm-up (allocator, cuDNN autotuning)
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        step()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - t0)
+    # One warm-up call (allocator, cuDNN autotuning), then the median of ``repeats``.
+    timing = time_call(step, repeats=repeats, warmup=1, device=device)
     with PeakMemory(device) as mem:
         step()
     return {
-        "time_per_sample_ms": statistics.median(times) * 1e3 / n,
+        "time_per_sample_ms": timing["median_ms"] / n,
         "peak_memory_per_sample_mb": (mem.peak + input_bytes) / n / 2**20,
         "batch_size": n,
         "mode": "train" if train else "inference",

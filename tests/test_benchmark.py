@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -57,7 +59,7 @@ def test_registry_and_helpers() -> None:
         module = load(name)
         assert module.HELP and callable(module.add_arguments) and callable(module.run)
     args = build_parser().parse_args(["core", "--quick"])
-    assert args.out == "benchmarks/results/core.json"
+    assert args.out is None  # resolved by main(): results/ or, with --quick, results/quick/
     with pytest.raises(SystemExit):
         build_parser().parse_args(["unknown"])
     calls: list[str] = []
@@ -81,3 +83,86 @@ def test_benchmarks_import_without_pipelines() -> None:
         [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120
     )
     assert proc.returncode == 0, proc.stderr
+
+
+WORKER = '''
+import resource
+from ats_wsi.benchmarking import rss_peak_mb
+from ats_wsi.benchmarks.workers import worker_main
+
+
+def worker(cfg):
+    return {"peak_mb": rss_peak_mb(), "ru_maxrss_mb": resource.getrusage(
+        resource.RUSAGE_SELF).ru_maxrss / 2**10}
+
+
+if __name__ == "__main__":
+    raise SystemExit(worker_main(worker))
+'''
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="VmHWM is Linux's")
+def test_worker_reports_its_own_peak_not_its_parents(tmp_path: Path, monkeypatch) -> None:
+    """A worker started by a parent holding 2 GiB reports its own peak (a few hundred MB of
+    imports), not the parent's: ``ru_maxrss`` is kept across exec, ``VmHWM`` is not."""
+    from ats_wsi.benchmarking import rss_peak_mb
+    from ats_wsi.benchmarks.workers import run_in_subprocess
+
+    (tmp_path / "hwm_worker.py").write_text(WORKER)
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    ballast = np.ones(2 * 2**30, dtype=np.uint8)  # 2 GiB, every page touched
+    assert rss_peak_mb() > 2048
+    res = run_in_subprocess("hwm_worker", {})
+    del ballast
+    # The old meter inherited the parent's peak: this is what the test guards against.
+    assert res["ru_maxrss_mb"] > 2048
+    assert 50 < res["peak_mb"] < 1500
+
+
+def test_quick_never_writes_over_a_full_result(tmp_path: Path, monkeypatch, capsys) -> None:
+    from pipelines.benchmark import main
+
+    full = tmp_path / "core.json"
+    full.write_text(json.dumps({"benchmark": "core", "config": {"quick": False}}))
+    before = full.read_bytes()
+    with pytest.raises(SystemExit) as exc:
+        main(["core", "--quick", "--out", str(full)])
+    assert exc.value.code == 2
+    assert "holds a full (not --quick) result" in capsys.readouterr().err
+    assert full.read_bytes() == before
+    # Without --out a quick run goes to the ignored results/quick/ folder.
+    monkeypatch.chdir(tmp_path)
+    assert main(["core", "--quick"]) == 0
+    data = json.loads((tmp_path / "benchmarks/results/quick/core.json").read_text())
+    assert data["quick"] is True
+    assert not (tmp_path / "benchmarks/results/core.json").exists()
+
+
+RESULT_RE = re.compile(r"benchmarks/results/[\w./-]+?\.json")
+
+
+def _lost_results(text: str) -> set[str]:
+    """The result files docs/benchmarks.md lists under its 'Results whose JSON is lost'."""
+    section = text.split("## Results whose JSON is lost", 1)
+    if len(section) == 1:
+        return set()
+    body = section[1].split("\n## ", 1)[0]
+    return set(RESULT_RE.findall(body))
+
+
+def test_every_result_the_docs_cite_is_in_the_repository() -> None:
+    """A number nobody can re-read is not evidence: each ``benchmarks/results/*.json`` that
+    the docs or the README name exists (the quick folder is not a result); the files the
+    benchmarks page lists as lost do not, so that a re-run removes them from the list."""
+    cited: set[str] = set()
+    lost: set[str] = set()
+    for doc in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        text = doc.read_text(encoding="utf-8")
+        cited |= set(RESULT_RE.findall(text))
+        lost |= _lost_results(text)
+    cited = {c for c in cited if "/quick/" not in c}
+    assert cited, "the docs cite no result file at all"
+    missing = sorted(c for c in cited - lost if not (ROOT / c).is_file())
+    assert not missing, f"cited but not in the repository: {missing}"
+    back = sorted(c for c in lost if (ROOT / c).is_file())
+    assert not back, f"listed as lost but present (remove them from the list): {back}"

@@ -41,7 +41,8 @@ from typing import Any
 
 import numpy as np
 
-from ats_wsi.benchmarks.workers import rss_peak_mb, run_in_subprocess, worker_main
+from ats_wsi.benchmarking import rss_peak_mb
+from ats_wsi.benchmarks.workers import run_in_subprocess, worker_main
 
 __all__ = [
     "HELP",

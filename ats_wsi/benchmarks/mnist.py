@@ -25,7 +25,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ats_wsi.benchmarks.workers import rss_peak_mb, run_in_subprocess, worker_main
+from ats_wsi.benchmarking import rss_peak_mb
+from ats_wsi.benchmarks.workers import run_in_subprocess, worker_main
 
 __all__ = ["HELP", "MODELS", "add_arguments", "run", "worker"]
 

@@ -24,8 +24,9 @@ from typing import Any
 
 import numpy as np
 
+from ats_wsi.benchmarking import rss_peak_mb
 from ats_wsi.benchmarks.island_slides import SLIDE_MPP
-from ats_wsi.benchmarks.workers import rss_peak_mb, worker_main
+from ats_wsi.benchmarks.workers import worker_main
 
 __all__ = ["feature_net_spec", "tiatoolbox_model_class", "worker"]
 

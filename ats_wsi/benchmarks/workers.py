@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import subprocess
 import sys
 from collections.abc import Callable
@@ -22,16 +21,10 @@ from typing import Any
 
 import ats_wsi
 
-__all__ = ["RESULT_TAG", "rss_peak_mb", "run_in_subprocess", "worker_main"]
+__all__ = ["RESULT_TAG", "run_in_subprocess", "worker_main"]
 
 RESULT_TAG = "BENCH_RESULT "
 Worker = Callable[[dict[str, Any]], dict[str, Any]]
-
-
-def rss_peak_mb() -> float:
-    """This process's resident-set high-water mark in MiB."""
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10  # bytes on macOS, else KiB
 
 
 def worker_main(worker: Worker) -> int:
