@@ -24,20 +24,16 @@ from typing import Any
 
 import numpy as np
 
+from ats_wsi.io.base import TIFF_MAGIC, BaseSlideReader, composite_on_white
 from ats_wsi.io.errors import (
     CorruptSlideError,
     SlideTooLargeError,
     UnsupportedSlideError,
 )
-from ats_wsi.io.readers import (
-    BaseSlideReader,
-    PathLikeStr,
-    _existing,
-    composite_on_white,
-    resolve_mpp,
-)
+from ats_wsi.io.mpp import PathLikeStr
 
 __all__ = [
+    "IMAGE_SUFFIXES",
     "MAX_DECODED_PIXELS",
     "MAX_PLAUSIBLE_MPP",
     "MAX_UNPYRAMIDAL_PIXELS",
@@ -45,6 +41,8 @@ __all__ = [
     "ImageReader",
 ]
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+"""File-name suffixes routed to this backend (plain TIFFs come by content: see backends.py)."""
 MAX_DECODED_PIXELS = 2**28
 """Largest image (pixels) decoded whole into memory: 268 M pixels, 805 MB as RGB."""
 MAX_UNPYRAMIDAL_PIXELS = 2**32
@@ -58,7 +56,6 @@ MAX_PLAUSIBLE_MPP = 100.0
 
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 _JPEG_MAGIC = b"\xff\xd8\xff"
-_TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 
 
 def _to_rgb(block: np.ndarray, path: Path) -> np.ndarray:
@@ -104,7 +101,7 @@ class ArrayReader(BaseSlideReader):
         height, width = self._image.shape[:2]
         self._level_dimensions = ((int(width), int(height)),)
         self._level_downsamples = (1.0,)
-        self._mpp = resolve_mpp(self.path, metadata_mpp, mpp)
+        self._resolve_mpp(metadata_mpp, mpp)
 
     def _read_level(self, level: int, x: int, y: int, width: int, height: int) -> np.ndarray:
         return self._image[y : y + height, x : x + width]
@@ -177,30 +174,26 @@ class ImageReader(BaseSlideReader):
         max_decoded_pixels: int | None = None,
         max_unpyramidal_pixels: int | None = None,
     ) -> None:
-        self.path = _existing(path)
         # Looked up at call time so that the module limits can be changed for a whole run.
         self._max_decoded = max_decoded_pixels or MAX_DECODED_PIXELS
         self._max_unpyramidal = max_unpyramidal_pixels or MAX_UNPYRAMIDAL_PIXELS
         # zarr-over-tifffile shares one file handle; patch reads come from several threads.
         self._lock = threading.Lock()
         self._tif: Any = None
-        with open(self.path, "rb") as fh:
-            head = fh.read(8)
-        if head[:4] in _TIFF_MAGIC:
-            meta = self._open_tiff()
-        elif head.startswith(_PNG_MAGIC) or head.startswith(_JPEG_MAGIC):
-            meta = self._open_pillow()
-        else:
-            raise UnsupportedSlideError(
-                self.path, "not a TIFF, PNG or JPEG image (unknown file signature)"
-            )
-        try:
-            self._mpp = resolve_mpp(self.path, meta, mpp, objective_power)
-        except BaseException:
-            self.close()
-            raise
+        self._open_slide(path, mpp, objective_power)
 
     # -- opening -------------------------------------------------------------------------------
+    def _open(self) -> tuple[float, float] | None:
+        with open(self.path, "rb") as fh:
+            head = fh.read(8)
+        if head[:4] in TIFF_MAGIC:
+            return self._open_tiff()
+        if head.startswith(_PNG_MAGIC) or head.startswith(_JPEG_MAGIC):
+            return self._open_pillow()
+        raise UnsupportedSlideError(
+            self.path, "not a TIFF, PNG or JPEG image (unknown file signature)"
+        )
+
     def _too_large(self, pixels: int, limit: int, what: str) -> SlideTooLargeError:
         return SlideTooLargeError(
             self.path,

@@ -1,4 +1,4 @@
-"""Adapter from a tiatoolbox ``WSIReader`` to :class:`ats_wsi.io.readers.SlideReader`.
+"""Adapter from a tiatoolbox ``WSIReader`` to :class:`ats_wsi.io.base.SlideReader`.
 
 This is the only module of the package that imports tiatoolbox, and only inside the
 constructor: tiatoolbox pulls in a large dependency tree that plain OpenSlide / zarr users should
@@ -12,8 +12,9 @@ from typing import Any
 
 import numpy as np
 
-from ats_wsi.io.errors import CorruptSlideError, SlideNotFoundError
-from ats_wsi.io.readers import BaseSlideReader, PathLikeStr, resolve_mpp, unreadable_error
+from ats_wsi.io.base import BaseSlideReader
+from ats_wsi.io.errors import CorruptSlideError
+from ats_wsi.io.mpp import PathLikeStr
 
 __all__ = ["TiatoolboxReader"]
 
@@ -86,8 +87,6 @@ class TiatoolboxReader(BaseSlideReader):
         mpp: float | tuple[float, float] | None = None,
         objective_power: float | None = None,
     ) -> None:
-        import openslide
-        from tiatoolbox.utils.exceptions import FileNotSupportedError
         from tiatoolbox.wsicore.wsireader import WSIReader
 
         if isinstance(source, WSIReader):
@@ -96,17 +95,25 @@ class TiatoolboxReader(BaseSlideReader):
             self.path = (
                 Path(source.input_path) if source.input_path is not None else Path("<array>")
             )
+            self._resolve_mpp(self._read_info(), mpp, objective_power)
         else:
             self._owns = True
-            self.path = Path(source)
-            if not self.path.exists():
-                raise SlideNotFoundError(self.path, "no such file or directory")
-            try:
-                self._wsi = _open_wsi(self.path)
-            except (FileNotSupportedError, openslide.OpenSlideUnsupportedFormatError) as e:
-                raise unreadable_error(self.path, f"tiatoolbox cannot read it ({e})") from e
-            except Exception as e:  # tiatoolbox surfaces decoder failures as many types
-                raise CorruptSlideError(self.path, f"tiatoolbox failed to open it: {e}") from e
+            self._open_slide(source, mpp, objective_power)
+
+    def _open(self) -> tuple[float, float] | None:
+        import openslide
+        from tiatoolbox.utils.exceptions import FileNotSupportedError
+
+        with self._backend_errors(
+            "tiatoolbox",
+            unsupported=(FileNotSupportedError, openslide.OpenSlideUnsupportedFormatError),
+            corrupt=(Exception,),  # tiatoolbox surfaces decoder failures as many types
+        ):
+            self._wsi = _open_wsi(self.path)
+        return self._read_info()
+
+    def _read_info(self) -> tuple[float, float] | None:
+        """Set the levels from the reader's metadata; return its level-0 mpp, if any."""
         try:
             info = self._wsi.info
         except Exception as e:
@@ -115,12 +122,11 @@ class TiatoolboxReader(BaseSlideReader):
                 raise CorruptSlideError(
                     self.path, f"tiatoolbox cannot read the metadata: {e}"
                 ) from e
-        meta = None
-        if info.mpp is not None:
-            meta = (float(info.mpp[0]), float(info.mpp[1]))
-        self._mpp = resolve_mpp(self.path, meta, mpp, objective_power)
         self._level_dimensions = tuple((int(w), int(h)) for w, h in info.level_dimensions)
         self._level_downsamples = tuple(float(d) for d in info.level_downsamples)
+        if info.mpp is None:
+            return None
+        return (float(info.mpp[0]), float(info.mpp[1]))
 
     @property
     def wsi(self) -> Any:

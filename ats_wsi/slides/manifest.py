@@ -4,7 +4,7 @@ A manifest is a CSV with columns ``case_id, slide_id, label`` and optionally ``p
 or relative to the CSV), ``split`` (``train`` / ``val`` / ``test``), ``mpp`` (level-0 microns
 per pixel) and ``magnification`` (objective power, mpp = 10 / magnification) for slides whose
 files lack a resolution. Without ``path`` a slide is looked up as ``<slide_dir>/<slide_id><ext>``
-for the usual whole-slide and image extensions.
+for the suffixes the registered slide backends read (:func:`ats_wsi.io.slide_suffixes`).
 Every problem is reported as :class:`ManifestError` naming the file, the line and the problem.
 """
 
@@ -20,11 +20,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ats_wsi.io.readers import MppSpec, slide_key
+from ats_wsi.io.mpp import MppSpec, slide_key
+from ats_wsi.io.registry import slide_suffixes
 
 __all__ = [
     "REQUIRED_COLUMNS",
-    "SLIDE_EXTENSIONS",
+    "SLIDE_EXTENSIONS",  # noqa: F822 - module __getattr__: the registry's current suffixes
     "SPLITS",
     "ManifestError",
     "find_slide",
@@ -37,26 +38,6 @@ __all__ = [
 
 REQUIRED_COLUMNS = ("case_id", "slide_id", "label")
 SPLITS = ("train", "val", "test")
-SLIDE_EXTENSIONS = (
-    ".svs",
-    ".tif",
-    ".tiff",
-    ".ndpi",
-    ".mrxs",
-    ".scn",
-    ".vms",
-    ".vmu",
-    ".bif",
-    ".svslide",
-    ".dcm",
-    ".zarr",
-    ".ome.zarr",
-    ".ome.tif",
-    ".ome.tiff",
-    ".png",
-    ".jpg",
-    ".jpeg",
-)
 COLUMNS = ["case_id", "slide_id", "label", "y", "path", "split", "mpp", "magnification", "line"]
 
 
@@ -71,12 +52,21 @@ class ManifestError(ValueError):
         super().__init__(f"{where}: {problem}")
 
 
+def __getattr__(name: str) -> Any:
+    # SLIDE_EXTENSIONS is the registry's current list, so a backend registered later counts.
+    if name == "SLIDE_EXTENSIONS":
+        return slide_suffixes()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def find_slide(
-    slide_dir: str | PathLike[str], slide_id: str, extensions: Sequence[str] = SLIDE_EXTENSIONS
+    slide_dir: str | PathLike[str], slide_id: str, extensions: Sequence[str] | None = None
 ) -> Path | None:
-    """``slide_dir/slide_id<ext>`` for the first extension that exists, else None."""
+    """``slide_dir/slide_id<ext>`` for the first extension that exists, else None.
+
+    ``extensions`` defaults to :func:`~ats_wsi.io.registry.slide_suffixes`."""
     base = Path(slide_dir)
-    for ext in extensions:
+    for ext in slide_suffixes() if extensions is None else extensions:
         candidate = base / f"{slide_id}{ext}"
         if candidate.exists():
             return candidate
@@ -89,7 +79,7 @@ def read_manifest(
     slide_dir: str | PathLike[str] | None = None,
     classes: Sequence[str] | None = None,
     require_labels: bool = True,
-    extensions: Sequence[str] = SLIDE_EXTENSIONS,
+    extensions: Sequence[str] | None = None,
 ) -> pd.DataFrame:
     """Read and validate a manifest.
 
@@ -99,7 +89,8 @@ def read_manifest(
             CSV's directory, then its ``slides/`` subdirectory.
         classes: allowed labels in class-index order; None: the sorted distinct labels.
         require_labels: False accepts a missing ``label`` column or empty labels (inference).
-        extensions: file extensions tried, in order.
+        extensions: file extensions tried, in order; default the registered backends'
+            :func:`~ats_wsi.io.registry.slide_suffixes`.
 
     Returns:
         Columns ``case_id, slide_id, label, y, path, split, mpp, magnification`` (strings; ``y``
@@ -227,9 +218,14 @@ def read_manifest(
 
 
 def slides_from_dir(
-    slide_dir: str | PathLike[str], extensions: Sequence[str] = SLIDE_EXTENSIONS
+    slide_dir: str | PathLike[str], extensions: Sequence[str] | None = None
 ) -> pd.DataFrame:
-    """An unlabelled manifest of every slide file in ``slide_dir`` (case_id = slide_id)."""
+    """An unlabelled manifest of every slide file in ``slide_dir`` (case_id = slide_id).
+
+    A file is a slide when its name ends with one of ``extensions`` (default the suffixes the
+    registered backends read, :func:`~ats_wsi.io.registry.slide_suffixes`)."""
+    if extensions is None:
+        extensions = slide_suffixes()
     base = Path(slide_dir)
     if not base.is_dir():
         raise ManifestError(base, "no such directory")

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import ats_wsi.io.readers as readers
+import ats_wsi.io.base as base
 from ats_wsi.io import (
     CorruptSlideError,
     MissingResolutionError,
@@ -146,7 +146,7 @@ def test_thumbnail_and_blocks(
     np.testing.assert_array_equal(thumb, r.read_region((0, 0), 3, (480, 500)))
     odd = r.thumbnail(3.3)
     assert odd.shape == (round(4000 * 0.5 / 3.3), round(3840 * 0.5 / 3.3), 3)
-    monkeypatch.setattr(readers, "THUMBNAIL_BLOCK", 64)
+    monkeypatch.setattr(base, "THUMBNAIL_BLOCK", 64)
     # Block-wise reads are seamless: only fixed-point rounding in PIL's filter differs.
     assert np.abs(r.thumbnail(3.3).astype(int) - odd).max() <= 1
 

@@ -8,9 +8,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from ats_wsi.io.readers import slide_key
+from ats_wsi.io import ArrayReader
+from ats_wsi.io.readers import register_backend, slide_key, slide_suffixes, unregister_backend
+from ats_wsi.slides import manifest
 from ats_wsi.slides.manifest import (
     ManifestError,
+    find_slide,
     make_splits,
     mpp_spec,
     read_manifest,
@@ -110,6 +113,34 @@ def test_slides_from_dir(tmp_path: Path) -> None:
         (tmp_path / name).write_bytes(b"")
     df = slides_from_dir(tmp_path)
     assert sorted(df.slide_id) == ["x", "y"]
+
+
+# What a folder scan accepted when the manifest kept its own list (before the registry).
+FORMER_SLIDE_EXTENSIONS = {
+    ".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide",
+    ".dcm", ".zarr", ".ome.zarr", ".ome.tif", ".ome.tiff", ".png", ".jpg", ".jpeg",
+}  # fmt: skip
+
+
+def test_folder_scan_accepts_the_registered_suffixes() -> None:
+    assert set(slide_suffixes()) == FORMER_SLIDE_EXTENSIONS
+    assert manifest.SLIDE_EXTENSIONS == slide_suffixes()
+
+
+def test_a_newly_registered_backend_is_scanned(tmp_path: Path) -> None:
+    for name in ("a.svs", "b.newfmt", "c.txt"):
+        (tmp_path / name).write_bytes(b"")
+    assert sorted(slides_from_dir(tmp_path).slide_id) == ["a"]
+    blank = np.zeros((4, 4), np.uint8)
+    register_backend("newfmt", lambda path, **_: ArrayReader(blank, path=path), [".NEWFMT"])
+    try:
+        assert ".newfmt" in slide_suffixes()
+        assert sorted(slides_from_dir(tmp_path).slide_id) == ["a", "b"]
+        assert find_slide(tmp_path, "b") == tmp_path / "b.newfmt"
+    finally:
+        unregister_backend("newfmt")
+    assert ".newfmt" not in slide_suffixes()
+    assert sorted(slides_from_dir(tmp_path).slide_id) == ["a"]
 
 
 def _cohort(n_cases: int = 30, seed: int = 0) -> pd.DataFrame:
