@@ -149,9 +149,11 @@ class ATSModel(nn.Module):
         return self.feature_net(seen.reshape(-1, *patches.shape[2:]))
 
     def _cacheable(self, source: Any) -> bool:
-        return bool(getattr(self.feature_net, "fully_frozen", False)) and hasattr(
-            source, "box_keys"
-        )
+        if not hasattr(source, "box_keys"):
+            return False
+        from ats_wsi.encoders.protocol import PatchEncoder  # imports no timm
+
+        return isinstance(self.feature_net, PatchEncoder) and bool(self.feature_net.fully_frozen)
 
     def _cached_features(self, source: Any, locations: Tensor, cache: Any) -> Tensor:
         from ats_wsi.encoders import FeatureKey

@@ -344,3 +344,12 @@ def timm_features(**kwargs: Any) -> nn.Module:
     from ats_wsi.encoders import build_timm_encoder
 
     return build_timm_encoder(**kwargs)
+
+
+@register_feature_net("torchvision_resnet")
+def torchvision_resnet_features(**kwargs: Any) -> nn.Module:
+    """A torchvision ResNet from a local weights file
+    (:func:`ats_wsi.encoders.build_torchvision_resnet`; imported on use, like ``timm``)."""
+    from ats_wsi.encoders import build_torchvision_resnet
+
+    return build_torchvision_resnet(**kwargs)

@@ -52,7 +52,8 @@ def _save(sd: dict[str, torch.Tensor], path: Path) -> Path:
 
 def test_timm_is_a_registered_feature_net_meeting_the_contract(lite0: TimmEncoder) -> None:
     net = build_feature_net("timm")  # no arguments: the bundled efficientnet-lite0
-    assert isinstance(net, TimmEncoder) and net.normalizes_input is True
+    assert isinstance(net, TimmEncoder) and isinstance(net, E.PatchEncoder)
+    assert net.normalizes_input is True
     assert net.out_dim == 1280 and net.encoder_id == lite0.encoder_id
     sha = E.file_sha256(net.weights_path)
     assert net.encoder_id.startswith("efficientnet-lite0:") and net.encoder_id.endswith(sha[:12])
@@ -691,5 +692,7 @@ def test_fine_tuned_encoder_checkpoints_carry_the_trained_tensors(tmp_path: Path
 
 
 def test_benchmark_reports_a_positive_time(lite0: TimmEncoder) -> None:
-    ms = E.benchmark_ms_per_patch(lite0, patch_size=32, batch=2, repeats=1, threads=1)
+    from ats_wsi.benchmarks.encoders import benchmark_ms_per_patch
+
+    ms = benchmark_ms_per_patch(lite0, patch_size=32, batch=2, repeats=1, threads=1)
     assert 0 < ms < 10_000

@@ -5,10 +5,8 @@ can break an import counts only imports that run when a module is imported: thos
 level (including inside ``if``, ``try`` and class bodies), not those inside functions (the
 standard way to defer a heavy dependency, since they run on use, when every module is loaded).
 A second check counts the imports inside functions too, so that no two modules need each
-other at all ("no import circle anywhere in the package", issue 21), except those in a module
-``__getattr__`` (PEP 562): that is a lazy alias of a name that moved elsewhere, kept for old
-import paths, and the module's own code does not use it. Imports under ``if TYPE_CHECKING:``
-never run and never count.
+other at all ("no import circle anywhere in the package", issue 21). Imports under
+``if TYPE_CHECKING:`` never run and never count.
 
 Package semantics:
 
@@ -55,9 +53,7 @@ def _import_nodes(tree: ast.AST, deferred: bool) -> list[ast.Import | ast.Import
 
     def visit(node: ast.AST) -> None:
         for child in ast.iter_child_nodes(node):
-            if isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef) and (
-                not deferred or (node is tree and child.name == "__getattr__")
-            ):
+            if isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef) and not deferred:
                 continue
             if isinstance(child, ast.If) and _is_type_checking(child.test):
                 for sub in child.orelse:

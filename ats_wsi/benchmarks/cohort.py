@@ -99,12 +99,12 @@ def _feature_spec(cfg: dict[str, Any]) -> dict[str, Any]:
 def _build_encoder(cfg: dict[str, Any]) -> Any:
     """The frozen pretrained encoder every method shares (built the same way in every
     process, so its ``encoder_id`` keys the same cached features)."""
-    import ats_wsi.encoders  # noqa: F401  (registers the timm feature net)
+    from ats_wsi.encoders import PatchEncoder
     from ats_wsi.nets import build_feature_net
 
     spec = dict(_feature_spec(cfg))
     net = build_feature_net(spec.pop("name"), **spec)
-    if not net.fully_frozen:
+    if not (isinstance(net, PatchEncoder) and net.fully_frozen):
         raise ValueError(f"encoder {cfg['encoder']!r} is not frozen; the benchmark caches features")
     return net.eval()
 

@@ -103,7 +103,7 @@ def feature_net_spec(name: str) -> Any:
     which cost the same to run."""
     if name == "histology":
         return name
-    from ats_wsi.encoders import PRESETS
+    from ats_wsi.encoders.presets import PRESETS
 
     spec: dict[str, Any] = {"name": "timm", "preset": name, "freeze": True}
     if PRESETS[name].default_weights is None:
