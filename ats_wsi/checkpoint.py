@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import sys
 import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -25,6 +24,7 @@ __all__ = [
     "ResumeState",
     "append_jsonl",
     "atomic_write_bytes",
+    "atomic_write_text",
     "library_versions",
     "load_checkpoint",
     "load_model_state",
@@ -108,6 +108,15 @@ def atomic_write_bytes(path: Path, write: Callable[[Any], None]) -> None:
         raise
 
 
+def atomic_write_text(path: str | Path, text: str, encoding: str = "utf-8") -> Path:
+    """Write ``text`` through :func:`atomic_write_bytes`: a reader (another rank, another job)
+    sees the old file or the whole new one, never a partial one. Newlines are written as given."""
+    path = Path(path)
+    data = text.encode(encoding)
+    atomic_write_bytes(path, lambda fh: fh.write(data))
+    return path
+
+
 def truncate_jsonl(path: str | Path, max_epoch: int) -> int:
     """Drop records whose ``epoch`` is greater than ``max_epoch`` (atomically); return kept."""
     path = Path(path)
@@ -153,10 +162,8 @@ def _plain(obj: Any, where: str = "state") -> Any:
 
 
 def _encoders(model: nn.Module) -> dict[str, Any]:
-    # No TimmEncoder can exist unless its module was imported: plain models never import timm.
-    if "ats_wsi.encoders" not in sys.modules:
-        return {}
-    from ats_wsi.encoders import encoder_modules
+    # The PatchEncoder protocol check imports no timm: cheap for plain models.
+    from ats_wsi.encoders.protocol import encoder_modules
 
     return encoder_modules(model)
 
@@ -164,15 +171,15 @@ def _encoders(model: nn.Module) -> dict[str, Any]:
 def model_state(model: nn.Module) -> dict[str, Any]:
     """``{"model": state_dict}`` and, for models holding pretrained encoders, ``"encoders"``:
     a frozen encoder built from a weights file is referenced by path + sha256 instead of
-    stored (:func:`ats_wsi.encoders.encoder_state_for_checkpoint`)."""
+    stored (:meth:`ats_wsi.encoders.PatchEncoder.checkpoint_state`)."""
     encoders = _encoders(model)
     if not encoders:
         return {"model": model.state_dict()}
-    from ats_wsi.encoders import encoder_state_for_checkpoint, strip_encoder_tensors
+    from ats_wsi.encoders.protocol import strip_encoder_tensors
 
     return {
         "model": strip_encoder_tensors(model.state_dict(), model),
-        "encoders": {name: encoder_state_for_checkpoint(net) for name, net in encoders.items()},
+        "encoders": {name: net.checkpoint_state() for name, net in encoders.items()},
     }
 
 
@@ -183,8 +190,6 @@ def load_model_state(model: nn.Module, ckpt: Mapping[str, Any]) -> None:
     if not encoders:
         model.load_state_dict(ckpt["model"])
         return
-    from ats_wsi.encoders import load_encoder_state
-
     stored = ckpt.get("encoders") or {}
     missing = sorted(set(encoders) - set(stored))
     if missing:
@@ -198,7 +203,7 @@ def load_model_state(model: nn.Module, ckpt: Mapping[str, Any]) -> None:
             f"unexpected {list(result.unexpected_keys)[:4]}"
         )
     for name, net in encoders.items():
-        load_encoder_state(net, stored[name])
+        net.load_checkpoint_state(stored[name])
 
 
 def save_checkpoint(

@@ -312,11 +312,9 @@ def param_groups(
     ``lr * head_lr_multiplier`` and, when ``model`` holds pretrained encoders with trainable
     blocks, those at ``encoder_lr`` (default ``lr``) in a third group."""
     head = list(model.head.parameters())
-    encoder: list[nn.Parameter] = []
-    if "ats_wsi.encoders" in sys.modules:  # no encoder can exist otherwise
-        from ats_wsi.encoders import encoder_parameters
+    from ats_wsi.encoders.protocol import encoder_parameters  # imports no timm
 
-        encoder = encoder_parameters(model)
+    encoder = encoder_parameters(model)
     taken = {id(p) for p in head} | {id(p) for p in encoder}
     rest = [p for p in model.parameters() if id(p) not in taken and p.requires_grad]
     groups = [{"params": rest, "lr": lr}, {"params": head, "lr": lr * head_lr_multiplier}]
@@ -404,8 +402,9 @@ def fit(
     epoch after it and later log lines are dropped. ``scheduler.step()`` runs once per epoch.
 
     Under torch.distributed every rank runs the steps (they gather their own metrics); rank 0
-    writes the files, and all ranks meet at a barrier after each epoch. Returns every record
-    of the metrics log (earlier runs included; [] on other ranks).
+    writes the files (the log is read by rank 0 alone), and all ranks meet at a barrier after
+    resuming and after each epoch. Returns every record of the metrics log (earlier runs
+    included; [] on other ranks).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -428,6 +427,8 @@ def fit(
         start, best = state.start_epoch, state.extra.get("best")
     elif rank == 0 and log_path.exists():
         log_path.unlink()  # a fresh run must not inherit an old run's lines
+    # Every rank has looked for (and read) the checkpoint before rank 0 may overwrite it.
+    _barrier(world)
     t_start = time.perf_counter()
     for epoch in range(start, epochs + 1):
         t0 = time.perf_counter()

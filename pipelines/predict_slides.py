@@ -5,7 +5,9 @@ pred_label, n_patches, sampler, attention_mpp, patch_mpp, mpp, mpp_source, runti
 appended and fsynced slide by slide: rerunning after a kill skips the slides already there, and
 several runs on one ``--out`` share the work (per-slide claims in ``<out>/locks``). A slide
 that cannot be read gets a row with ``error`` set. Per slide: ``heatmaps/``, ``gallery/``,
-``zarr/``, ``geojson/``; per run ``metrics.json`` (with labels) and ``summary.html``.
+``zarr/``, ``geojson/``; per run ``metrics.json`` (with labels) and ``summary.html``. The last
+line printed is a JSON summary: ``n`` slides predicted, ``n_labelled`` of them with a label,
+``n_errors``, and ``accuracy`` / ``auc`` over the labelled ones (null without labels).
 """
 
 from __future__ import annotations
@@ -91,7 +93,8 @@ def _run(args: argparse.Namespace) -> int:
         lock_timeout_s=args.lock_timeout,
         clear_stale_locks=args.clear_stale_locks,
     )
-    keys = ("n", "n_errors", "accuracy", "auc", "predicted_here")
+    # n: slides with a prediction; accuracy / auc over the n_labelled of them (None: no labels).
+    keys = ("n", "n_labelled", "n_errors", "accuracy", "auc", "predicted_here")
     print(json.dumps({k: summary.get(k) for k in keys}))
     return 0
 

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from ats_wsi.checkpoint import atomic_write_text
 from ats_wsi.io.synthetic import write_pyramidal_tiff
 
 __all__ = [
@@ -252,6 +253,9 @@ def make_demo_cohort(
     if not overwrite and manifest.exists() and meta.exists():
         if json.loads(meta.read_text()) == json.loads(json.dumps(_cohort_key(cfg))):
             return manifest
+    # The manifest marks a complete cohort: drop an old one before any slide is rewritten, so a
+    # run killed midway is rebuilt next time rather than reused half old, half new.
+    manifest.unlink(missing_ok=True)
     slides_dir = out / "slides"
     slides_dir.mkdir(parents=True, exist_ok=True)
     source = tissue_image()
@@ -276,8 +280,9 @@ def make_demo_cohort(
             rows.append(f"{case_id},{slide_id},{DEMO_CLASSES[y]}")
             if slide.lesion_box is not None:
                 lesions.append(",".join(str(v) for v in (slide_id, *slide.lesion_box)))
-    (out / "lesions.csv").write_text("\n".join(lesions) + "\n")
-    meta.write_text(json.dumps(_cohort_key(cfg), indent=1))
+    # Atomic (temp file + os.replace): other ranks and jobs read these files.
+    atomic_write_text(out / "lesions.csv", "\n".join(lesions) + "\n")
+    atomic_write_text(meta, json.dumps(_cohort_key(cfg), indent=1))
     # The manifest goes last: its presence marks a complete cohort.
-    manifest.write_text("\n".join(rows) + "\n")
+    atomic_write_text(manifest, "\n".join(rows) + "\n")
     return manifest

@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from ats_wsi.checkpoint import atomic_write_text
+
 __all__ = [
     "PredictionsCSV",
     "prediction_columns",
@@ -154,9 +156,7 @@ class PredictionsCSV:
             kept.append(row)
         if cut != len(raw) or len(kept) != len(rows) - 1:
             body = "".join(self._format(r) for r in [self.columns, *kept])
-            tmp = self.path.with_name(f".{self.path.name}.tmp")
-            tmp.write_text(body, encoding="utf-8")
-            os.replace(tmp, self.path)
+            atomic_write_text(self.path, body)
 
     def write(self, row: Mapping[str, Any]) -> None:
         """Append one row (missing columns empty) and make it durable before returning."""
@@ -196,17 +196,24 @@ def _cell(v: Any) -> Any:
 
 
 def summarise_predictions(rows: Iterable[Mapping[str, Any]], classes: Sequence[str]) -> dict:
-    """Slide-level metrics over rows that have a label and no error.
+    """Counts over all rows, slide-level metrics over the labelled ones.
 
-    Returns ``n``, ``n_errors``, ``accuracy``, ``balanced_accuracy``, ``auc`` (binary: of
-    ``p_1``; multi-class: one-vs-rest macro; None when only one class is present) and the
-    confusion matrix.
+    Returns ``n`` (rows with a prediction, i.e. no error), ``n_labelled`` (those of them with a
+    label), ``n_errors`` (rows with ``error`` set; ``n + n_errors`` is the number of rows) and,
+    when ``n_labelled > 0``, over the labelled rows only: ``accuracy``, ``balanced_accuracy``,
+    ``auc`` (binary: of ``p_1``; multi-class: one-vs-rest macro; None when only one class is
+    present) and the confusion matrix. Without labelled rows the metric keys are absent.
     """
     from sklearn.metrics import balanced_accuracy_score, confusion_matrix
 
     rows = list(rows)
-    ok = [r for r in rows if not r.get("error") and str(r.get("Y", "")) not in ("", "-1")]
-    out: dict[str, Any] = {"n": len(ok), "n_errors": sum(1 for r in rows if r.get("error"))}
+    predicted = [r for r in rows if not r.get("error")]
+    ok = [r for r in predicted if str(r.get("Y", "")) not in ("", "-1")]
+    out: dict[str, Any] = {
+        "n": len(predicted),
+        "n_labelled": len(ok),
+        "n_errors": len(rows) - len(predicted),
+    }
     if not ok:
         return out
     y = np.array([int(r["Y"]) for r in ok])

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ats_wsi.checkpoint import load_checkpoint, load_model_state
+from ats_wsi.checkpoint import atomic_write_text, load_checkpoint, load_model_state
 from ats_wsi.io.readers import MppSpec, SlideReader, open_slide
 from ats_wsi.model import ATSModel
 from ats_wsi.slides.engine import SlideResult, SlideSettings, build_model, predict_slide
@@ -364,8 +364,9 @@ def predict_many(
     Runs locally unless ``client``, ``scheduler_address`` or ``workers > 0`` (a LocalCluster of
     that many workers, processes by default) is given. On dask, each slide is one task
     (``retries`` re-runs for lost workers), the model is loaded once per worker process by
-    :func:`get_predictor`, and rows are written as tasks complete. ``metrics.json`` is written
-    when rows carry labels.
+    :func:`get_predictor`, and rows are written as tasks complete. The summary counts every
+    row (``n`` predicted, ``n_labelled``, ``n_errors``: :func:`summarise_predictions`); its
+    metrics are over the labelled rows, and ``metrics.json`` is written when there are any.
 
     Other jobs may work on the same folder: a slide is predicted only by the job that claims
     it (claims older than ``lock_timeout_s`` without a heartbeat are taken over;
@@ -435,8 +436,9 @@ def predict_many(
     summary = summarise_predictions(rows, classes)
     summary.update(options=asdict(options), checkpoint=checkpoint, classes=list(classes))
     summary["predicted_here"] = predicted  # by this job; other jobs may have done the rest
-    if summary.get("n"):
-        (out / "metrics.json").write_text(json.dumps(summary, indent=1))
+    if summary["n_labelled"]:
+        # Atomic: other jobs on this folder write it too, and readers never see half of it.
+        atomic_write_text(out / "metrics.json", json.dumps(summary, indent=1))
     order = {sid: i for i, sid in enumerate(str(r["slide_id"]) for r in records)}
     write_summary_html(
         out / "summary.html", sorted(rows, key=lambda r: order[r["slide_id"]]), classes

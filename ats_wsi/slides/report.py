@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from ats_wsi.checkpoint import atomic_write_text
+
 __all__ = [
     "HEATMAP_LONGEST_SIDE",
     "cell_edges",
@@ -329,7 +331,6 @@ def write_summary_html(
         )
     lines.append("</table></body></html>")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text("\n".join(lines), encoding="utf-8")
-    os.replace(tmp, out)  # several jobs may write it; readers never see half a page
+    # Several jobs may write it: a temp file of its own each, so readers never see half a page.
+    atomic_write_text(out, "\n".join(lines))
     return out

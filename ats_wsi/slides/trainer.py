@@ -5,7 +5,9 @@ it first builds the demo cohort (:mod:`ats_wsi.slides.cohort`). It trains the AT
 low-res-only baseline, keeps ``{ats,baseline}_{best,last}.pt`` and ``{ats,baseline}_metrics.jsonl``
 in the output folder, and finally predicts the test split (predictions CSV, heatmaps, metrics)
 and writes ``results.json``. Under ``torchrun`` every rank trains on its shard of the slides
-(DDP, gloo on CPU); rank 0 writes the files.
+(DDP, gloo on CPU); rank 0 writes the files. A file that other ranks read (the demo cohort,
+``splits.csv``) is written atomically (temp file + ``os.replace``) before a barrier and read
+only after it.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ats_wsi.checkpoint import library_versions
+from ats_wsi.checkpoint import atomic_write_text, library_versions
 from ats_wsi.config import load_yaml_config, validate
 from ats_wsi.slides.cohort import DEMO_CLASSES, DemoCohortConfig, make_demo_cohort
 from ats_wsi.slides.engine import (
@@ -220,7 +222,7 @@ def fit_slides(
     scaler = None
     if use_amp and not torch.cuda.is_bf16_supported():
         scaler = torch.amp.GradScaler("cuda")
-    cache = _feature_cache(model, tcfg)
+    cache = _feature_cache(model, _rank_cache_dir(tcfg, rank, world))
 
     def train_step(epoch: int) -> dict[str, Any]:
         idx = shard(len(train_recs), rank, world, cfg["seed"], epoch, shuffle=True, pad=True)
@@ -292,13 +294,22 @@ def fit_slides(
 def _feature_cache(model: nn.Module, tcfg: dict[str, Any]) -> Any:
     """A :class:`~ats_wsi.encoders.FeatureCache` when the model's feature net is a fully frozen
     pretrained encoder (a trained one's features change with every step), else None."""
+    from ats_wsi.encoders import FeatureCache, PatchEncoder
+
     net = getattr(getattr(model, "module", model), "feature_net", None)
-    if not getattr(net, "fully_frozen", False) or tcfg["feature_cache_mb"] <= 0:
+    if not (isinstance(net, PatchEncoder) and net.fully_frozen) or tcfg["feature_cache_mb"] <= 0:
         return None
-    from ats_wsi.encoders import FeatureCache
 
     max_bytes = int(tcfg["feature_cache_mb"] * 2**20)
     return FeatureCache(max_bytes=max_bytes, path=tcfg["feature_cache_dir"])
+
+
+def _rank_cache_dir(tcfg: dict[str, Any], rank: int, world: int) -> dict[str, Any]:
+    """Under DDP each rank gets its own disk feature cache, ``<feature_cache_dir>/rank<r>``:
+    the zarr store takes one writer at a time, and every rank writes the slides it reads."""
+    if world == 1 or not tcfg["feature_cache_dir"]:
+        return tcfg
+    return {**tcfg, "feature_cache_dir": str(Path(tcfg["feature_cache_dir"]) / f"rank{rank}")}
 
 
 def _fmt(record: dict[str, Any]) -> str:
@@ -350,18 +361,46 @@ def _load_data(
         )
         raise ManifestError(manifest, f"slide file not found for: {lines}")
     classes = list(df.attrs["classes"])
-    splits_csv = out / "splits.csv"
-    if splits_csv.exists():
-        # A resumed (or repeated) run keeps the split it started with.
-        saved = read_manifest(splits_csv, classes=classes)
-        df = df.drop(columns="split").merge(saved[["slide_id", "split"]], on="slide_id", how="left")
-        df["split"] = df["split"].fillna("")
-    if (df.split == "").any():
-        df = make_splits(df, dcfg["val_fraction"], dcfg["test_fraction"], cfg["seed"])
-    if rank == 0:
-        df[["case_id", "slide_id", "label", "split"]].to_csv(splits_csv, index=False)
+    df = _shared_splits(df, out / "splits.csv", cfg, classes, rank, world)
     df.attrs["classes"] = classes
     return df, classes, lesions
+
+
+def _saved_splits(df: Any, splits_csv: Path, classes: list[str]) -> Any:
+    """``df`` with the ``split`` column of ``splits_csv`` ("" for slides it lacks)."""
+    saved = read_manifest(splits_csv, classes=classes)
+    df = df.drop(columns="split").merge(saved[["slide_id", "split"]], on="slide_id", how="left")
+    df["split"] = df["split"].fillna("")
+    return df
+
+
+def _shared_splits(
+    df: Any, splits_csv: Path, cfg: dict[str, Any], classes: list[str], rank: int, world: int
+) -> Any:
+    """The manifest with its ``split`` column, identical on every rank.
+
+    Rank 0 keeps the split of an existing ``splits.csv`` (a resumed or repeated run), makes one
+    when any slide lacks it, and writes the file atomically when its content changes, all
+    before the barrier; only then do the other ranks read it. Nobody writes it afterwards, so
+    no rank reads a partial or changing file, and every rank trains on rank 0's split.
+    """
+    if rank == 0:
+        old = splits_csv.read_text(encoding="utf-8") if splits_csv.exists() else None
+        if old is not None:
+            df = _saved_splits(df, splits_csv, classes)
+        if (df.split == "").any():
+            dcfg = cfg["data"]
+            df = make_splits(df, dcfg["val_fraction"], dcfg["test_fraction"], cfg["seed"])
+        text = df[["case_id", "slide_id", "label", "split"]].to_csv(index=False)
+        if text != old:
+            atomic_write_text(splits_csv, text)
+    if world > 1:
+        dist.barrier()
+    if rank > 0:
+        df = _saved_splits(df, splits_csv, classes)
+        if (df.split == "").any():
+            raise RuntimeError(f"{splits_csv}: rank {rank} found slides without a split")
+    return df
 
 
 def train(
@@ -452,7 +491,7 @@ def train(
     if rank == 0:
         if lesions is not None:
             results["cohort"] = str(out / "cohort")
-        (out / "results.json").write_text(json.dumps(results, indent=1))
+        atomic_write_text(out / "results.json", json.dumps(results, indent=1))
     if world > 1:
         dist.barrier()
     return results
@@ -507,12 +546,11 @@ def _evaluate_test(
         workers=pcfg["workers"],
         scheduler_address=pcfg["scheduler_address"],
     )
-    res: dict[str, Any] = {
-        "test_ats": {
-            k: summary.get(k)
-            for k in ("n", "n_errors", "accuracy", "balanced_accuracy", "auc", "confusion_matrix")
-        }
-    }
+    keys = (
+        *("n", "n_labelled", "n_errors"),  # predicted, labelled of them, error rows
+        *("accuracy", "balanced_accuracy", "auc", "confusion_matrix"),  # over the labelled
+    )
+    res: dict[str, Any] = {"test_ats": {k: summary.get(k) for k in keys}}
     if cfg["baseline"]["enabled"] and (out / "baseline_best.pt").exists():
         ckpt = load_checkpoint(out / "baseline_best.pt", map_location=device)
         base = LowResBaseline(
