@@ -17,6 +17,7 @@ __all__ = [
     "check_choices",
     "check_resume_config",
     "load_yaml_config",
+    "read_yaml",
     "validate",
 ]
 
@@ -70,20 +71,24 @@ def validate(data: Any, schema: Mapping[str, Any], src: str = "<dict>") -> dict[
     return _check(schema, data if data is not None else {}, "", src)
 
 
+def read_yaml(path: str | Path) -> Any:
+    """``yaml.safe_load`` of ``path``; invalid YAML is a :class:`ConfigError` naming the file."""
+    import yaml
+
+    path = Path(path)
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
+
+
 def load_yaml_config(path: str | Path, schema: Mapping[str, Any]) -> dict[str, Any]:
     """Read ``path`` with ``yaml.safe_load`` and validate it against ``schema``.
 
     Unknown keys, missing required keys and wrongly typed values raise :class:`ConfigError`.
     Returns plain data with defaults filled in.
     """
-    import yaml
-
-    path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
-    return validate(data, schema, str(path))
+    return validate(read_yaml(path), schema, str(path))
 
 
 def check_choices(

@@ -34,9 +34,11 @@ from ats_wsi.checkpoint import load_checkpoint, load_model_state
 from ats_wsi.io.tiatoolbox_reader import TiatoolboxReader
 from ats_wsi.io.tissue import load_mask
 from ats_wsi.model import ATSModel, ATSOutput
-from ats_wsi.slides.engine import SlideResult, SlideSettings, predict_slide
+from ats_wsi.settings import parse
+from ats_wsi.slides.engine import SlideResult, predict_slide
 from ats_wsi.slides.export import PredictionsCSV, prediction_columns
 from ats_wsi.slides.inference import PredictOptions, Predictor, write_prediction
+from ats_wsi.slides.settings import SlideSettings, TrainConfig
 
 __all__ = ["ATSEngine", "ATSTiatoolboxModel"]
 
@@ -120,10 +122,11 @@ class ATSTiatoolboxModel(ModelABC):
         settings and class names are taken from the checkpoint too."""
         ckpt = load_checkpoint(weights, map_location="cpu")
         load_model_state(self.model, ckpt)
-        cfg = ckpt.get("config") or {}
-        if cfg.get("slides"):
-            self.settings = SlideSettings.from_dict(dict(cfg["slides"]))
-        classes = ckpt.get("extra", {}).get("classes") or cfg.get("classes")
+        raw = ckpt.get("config") or {}
+        cfg = parse(TrainConfig, raw, f"{weights} (its config)")
+        if raw.get("slides"):
+            self.settings = cfg.slides
+        classes = ckpt.get("extra", {}).get("classes") or cfg.classes
         if classes:
             self.classes = [str(c) for c in classes]
             self.class_dict = dict(enumerate(self.classes))

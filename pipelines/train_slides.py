@@ -49,15 +49,15 @@ def _run(args: argparse.Namespace) -> int:
     path = args.config or (DEFAULT_CONFIG if DEFAULT_CONFIG.exists() else None)
     cfg = load_config(path)
     if args.epochs is not None:
-        cfg["train"]["epochs"] = args.epochs
+        cfg.train.epochs = args.epochs
     if args.device is not None:
-        cfg["train"]["device"] = args.device
+        cfg.train.device = args.device
     if args.mpp is not None:
-        cfg["data"]["mpp"] = args.mpp
+        cfg.data.mpp = args.mpp
     if args.mpp_override:
-        cfg["data"]["mpp_override"] = True
+        cfg.data.mpp_override = True
     if args.no_progress:
-        cfg["train"]["progress"] = False
+        cfg.train.progress = False
     results = train(cfg, args.out, resume_run=args.resume)
     if results.get("test_ats"):
         keys = ("test_ats", "test_baseline", "wall_time_s")

@@ -103,6 +103,7 @@ def test_feature_cache_serves_the_model_without_reads(tmp_path: Path) -> None:
     from ats_wsi.io.readers import open_slide
     from ats_wsi.slides.engine import build_model
     from ats_wsi.slides.realistic_cohort import default_source_dir
+    from ats_wsi.slides.settings import ModelSettings
 
     slide = default_source_dir() / "CMU-1-Small-Region.svs"
     if not slide.exists():
@@ -117,7 +118,9 @@ def test_feature_cache_serves_the_model_without_reads(tmp_path: Path) -> None:
     records = [{"slide_id": "s", "path": str(slide)}]
     cache = bc.feature_cache({"records": records, "feature_dir": str(tmp_path)}, encoder)
     model = build_model(
-        {"attention_net": "uniform_tiles", "feature_net": bc._feature_spec(cfg), "n_patches": 2},
+        ModelSettings(
+            attention_net="uniform_tiles", feature_net=bc._feature_spec(cfg), n_patches=2
+        ),
         2,
         bc.TILE_PX,
     )

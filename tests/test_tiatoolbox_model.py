@@ -22,8 +22,9 @@ pytest.importorskip("tiatoolbox")
 from tiatoolbox.wsicore.wsireader import VirtualWSIReader, WSIReader  # noqa: E402
 
 from ats_wsi.checkpoint import save_checkpoint  # noqa: E402
-from ats_wsi.model import ATSModel  # noqa: E402
+from ats_wsi.settings import to_dict  # noqa: E402
 from ats_wsi.slides.cohort import DemoCohortConfig, make_demo_cohort  # noqa: E402
+from ats_wsi.slides.engine import build_model  # noqa: E402
 from ats_wsi.slides.inference import PredictOptions, predict_record  # noqa: E402
 from ats_wsi.slides.trainer import default_config  # noqa: E402
 from ats_wsi.tiatoolbox_model import ATSEngine, ATSTiatoolboxModel  # noqa: E402
@@ -43,11 +44,11 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     to compare two inference paths."""
     torch.manual_seed(0)
     cfg = default_config()
-    model = ATSModel.from_config(
-        {**cfg["model"], "num_classes": 2, "patch_size": cfg["slides"]["patch_size"]}
-    )
+    model = build_model(cfg.model, 2, cfg.slides.patch_size)
     path = tmp_path_factory.mktemp("ckpt") / "ats_best.pt"
-    return save_checkpoint(path, model=model, epoch=1, config=cfg, extra={"classes": CLASSES})
+    return save_checkpoint(
+        path, model=model, epoch=1, config=to_dict(cfg), extra={"classes": CLASSES}
+    )
 
 
 @pytest.fixture(scope="module")
@@ -184,7 +185,7 @@ def test_modelabc_interface(checkpoint: Path) -> None:
     # Weights from a project checkpoint, loaded with weights_only=True into a fresh model.
     cfg = default_config()
     fresh = ATSTiatoolboxModel(
-        ATSModel.from_config({**cfg["model"], "num_classes": 2, "patch_size": 32})
+        build_model(cfg.model, 2, 32)
     )
     assert fresh.class_dict == {0: "0", 1: "1"}
     fresh.load_weights_from_file(checkpoint)

@@ -272,6 +272,7 @@ def _ats_task(cfg: dict[str, Any]) -> dict[str, Any]:
         slide_forward,
         slide_generator,
     )
+    from ats_wsi.slides.settings import ModelSettings, TrainSettings
     from ats_wsi.training import class_balanced_weights, param_groups, seed_everything
 
     settings = _settings(cfg)
@@ -284,13 +285,13 @@ def _ats_task(cfg: dict[str, Any]) -> dict[str, Any]:
         else {"name": "uniform_tiles", "pool": pool}
     )
     model = build_model(
-        {
-            "attention_net": attention,
-            "feature_net": _feature_spec(cfg),
-            "n_patches": n,
-            "sampler": "without_replacement",
-            "smoothing": 1e-4,
-        },
+        ModelSettings(
+            attention_net=attention,
+            feature_net=_feature_spec(cfg),
+            n_patches=n,
+            sampler="without_replacement",
+            smoothing=1e-4,
+        ),
         2,
         TILE_PX,
     )
@@ -302,6 +303,12 @@ def _ats_task(cfg: dict[str, Any]) -> dict[str, Any]:
     optim = torch.optim.Adam([g for g in groups if g["params"]], lr=cfg["lr"])
     weights = class_balanced_weights([r.y for r in train], 2)
     epochs = cfg["epochs_ats"] if kind == "ats" else cfg["epochs_random"]
+    step = TrainSettings(
+        entropy_lambda=cfg["entropy_lambda"] if kind == "ats" else 0.0,
+        distill_lambda=cfg["distill_lambda"] if kind == "ats" else 0.0,
+        accumulate=cfg["accumulate"],
+        clip_norm=1.0,
+    )
     t0 = time.perf_counter()
     history = []
     for epoch in range(epochs):
@@ -312,11 +319,8 @@ def _ats_task(cfg: dict[str, Any]) -> dict[str, Any]:
             views,
             settings,
             optimizer=optim,
+            step=step,
             class_weights=weights,
-            entropy_lambda=cfg["entropy_lambda"] if kind == "ats" else 0.0,
-            distill_lambda=cfg["distill_lambda"] if kind == "ats" else 0.0,
-            accumulate=cfg["accumulate"],
-            clip_norm=1.0,
             amp=False,
             seed=cfg["seed"],
             epoch=epoch,
@@ -449,6 +453,7 @@ def _lowres_task(cfg: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     from ats_wsi.slides.engine import LowResBaseline, ViewStore, run_slides
+    from ats_wsi.slides.settings import TrainSettings
     from ats_wsi.training import class_balanced_weights, seed_everything
 
     settings = _settings(cfg)
@@ -468,8 +473,8 @@ def _lowres_task(cfg: dict[str, Any]) -> dict[str, Any]:
             settings,
             kind="baseline",
             optimizer=optim,
+            step=TrainSettings(entropy_lambda=0.0, accumulate=1, clip_norm=1.0),
             class_weights=weights,
-            clip_norm=1.0,
             amp=False,
             epoch=epoch,
         )

@@ -15,7 +15,7 @@ import os
 import time
 import weakref
 import zlib
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -26,13 +26,20 @@ from torch import Tensor, nn
 
 from ats_wsi.attention import entropy_regulariser, score_distillation, tile_scores
 from ats_wsi.io import LowResItem, LowResLoader, Prefetcher, SlidePatchSource, mask_to_grid
-from ats_wsi.io.readers import MppSpec, SlideReader, open_slide
+from ats_wsi.io.readers import SlideReader, open_slide
 from ats_wsi.model import ATSModel, ATSOutput
 from ats_wsi.nets import ConvStack
+from ats_wsi.settings import to_dict
+from ats_wsi.slides.settings import (
+    HE_MEAN,
+    HE_STD,
+    ModelSettings,
+    SlideSettings,
+    TrainSettings,
+)
 from ats_wsi.training import check_finite
 
 __all__ = [
-    "MODEL_DEFAULTS",
     "LowResBaseline",
     "SlideResult",
     "SlideSettings",
@@ -46,59 +53,10 @@ __all__ = [
     "slide_generator",
 ]
 
-# H&E pixels in [0, 1] are centred and scaled inside the models (fixed, not learnt, so that a
-# checkpoint carries no data-dependent statistics): the slide config's model defaults.
-HE_MEAN, HE_STD = 0.5, 0.25
-
-
-@dataclass(frozen=True)
-class SlideSettings:
-    """Where the model reads a slide (resolutions in microns per pixel).
-
-    Attributes:
-        attention_mpp: resolution of the low-res view the attention net sees.
-        patch_mpp: resolution of the patches the feature net sees.
-        patch_size: patch side in pixels at ``patch_mpp``.
-        min_tissue: tissue fraction a cell needs to be sampled; 0 disables the tissue mask.
-        backend: reader backend (None: from the file name).
-        slide_mpp: level-0 mpp overriding the file's metadata, or an :class:`MppSpec`.
-        read_workers: threads reading the patches of one slide.
-    """
-
-    attention_mpp: float = 16.0
-    patch_mpp: float = 0.5
-    patch_size: int = 32
-    min_tissue: float = 0.1
-    backend: str | None = None
-    slide_mpp: float | MppSpec | None = None
-    read_workers: int = 4
-
-    @classmethod
-    def from_dict(cls, cfg: dict[str, Any]) -> SlideSettings:
-        """Build from plain data (unknown keys are an error)."""
-        unknown = set(cfg) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"unknown slide settings: {sorted(unknown)}")
-        return cls(**cfg)
-
-    def loader(self) -> LowResLoader:
-        """The picklable low-res view loader for these settings."""
-        return LowResLoader(
-            mpp=self.attention_mpp,
-            tissue=self.min_tissue > 0,
-            backend=self.backend,
-            slide_mpp=self.slide_mpp,
-        )
-
-
-# What a slide model's config gets when it does not say (checkpoints older than these keys).
-MODEL_DEFAULTS: dict[str, Any] = {"in_channels": 3, "input_mean": HE_MEAN, "input_std": HE_STD}
-
-
-def build_model(model_cfg: Mapping[str, Any], num_classes: int, patch_size: int) -> ATSModel:
+def build_model(model: ModelSettings, num_classes: int, patch_size: int) -> ATSModel:
     """The slide :class:`ATSModel` from a config's ``model`` section: the one recipe the
     trainer and every checkpoint loader use."""
-    cfg = {**MODEL_DEFAULTS, **model_cfg, "num_classes": num_classes, "patch_size": patch_size}
+    cfg = {**to_dict(model), "num_classes": num_classes, "patch_size": patch_size}
     return ATSModel.from_config(cfg)
 
 
@@ -360,6 +318,9 @@ def _autocast(device: torch.device, amp: bool) -> contextlib.AbstractContextMana
     return contextlib.nullcontext()
 
 
+_EVAL_STEP = TrainSettings(entropy_lambda=0.0, accumulate=1, clip_norm=None)
+
+
 def run_slides(
     model: nn.Module,
     records: Sequence[SlideRecord],
@@ -368,13 +329,9 @@ def run_slides(
     *,
     kind: str = "ats",
     optimizer: torch.optim.Optimizer | None = None,
+    step: TrainSettings | None = None,
     device: torch.device | str = "cpu",
     class_weights: Tensor | None = None,
-    entropy_lambda: float = 0.0,
-    distill_lambda: float = 0.0,
-    distill_beta: float = 2.0,
-    accumulate: int = 1,
-    clip_norm: float | None = None,
     amp: bool = True,
     scaler: Any = None,
     sampler: str | None = None,
@@ -388,11 +345,13 @@ def run_slides(
     """Train (``optimizer`` given) or evaluate ``model`` over ``records``, one slide at a time.
 
     ``kind`` is ``"ats"`` (an :class:`ATSModel`) or ``"baseline"`` (:class:`LowResBaseline`).
-    Training accumulates gradients over ``accumulate`` slides per step; under DDP the gradient
-    all-reduce happens only on the step's last slide. The loss of a slide is its class weight
-    times its cross-entropy (a per-sample weight: ``F.cross_entropy(weight=...)`` would divide it
-    out again for a one-slide batch) plus ``entropy_lambda`` times the entropy regulariser, plus
-    ``distill_lambda`` times :func:`~ats_wsi.attention.score_distillation` of the attention
+    Training takes its step from ``step`` (a :class:`TrainSettings`; required with an
+    ``optimizer``): gradients are accumulated over ``step.accumulate`` slides per optimiser
+    step and clipped to ``step.clip_norm``; under DDP the gradient all-reduce happens only on
+    the step's last slide. The loss of a slide is its class weight times its cross-entropy (a
+    per-sample weight: ``F.cross_entropy(weight=...)`` would divide it out again for a one-slide
+    batch) plus ``step.entropy_lambda`` times the entropy regulariser, plus
+    ``step.distill_lambda`` times :func:`~ats_wsi.attention.score_distillation` of the attention
     toward the head's :func:`~ats_wsi.attention.tile_scores` of the patches it read (no
     gradient into the head or the features from that term).
 
@@ -403,6 +362,10 @@ def run_slides(
     """
     device = torch.device(device)
     train = optimizer is not None
+    if train and step is None:
+        raise ValueError("run_slides: training (an optimizer) needs its step settings")
+    # Evaluation backpropagates nothing: only its cross-entropy is reported.
+    step = step if train else _EVAL_STEP
     model.train(train)
     weights = None if class_weights is None else class_weights.to(device)
     ys: list[int] = []
@@ -420,7 +383,7 @@ def run_slides(
         rec = by_path[path]
         if isinstance(item, Exception):
             raise item
-        last_of_step = (k + 1) % accumulate == 0 or k == n - 1
+        last_of_step = (k + 1) % step.accumulate == 0 or k == n - 1
         sync = contextlib.nullcontext()
         if train and not last_of_step and hasattr(model, "no_sync"):
             sync = model.no_sync()
@@ -441,7 +404,7 @@ def run_slides(
                         feature_cache=feature_cache,
                     )
                     logits, att = out.logits, out.probs
-                    if distill_lambda and train:
+                    if step.distill_lambda and train:
                         with torch.no_grad():
                             scores = tile_scores(_core(model).head(out.features.float()))
                 else:
@@ -449,20 +412,21 @@ def run_slides(
             logits = logits.float()
             ce = F.cross_entropy(logits, target, reduction="none")[0]
             loss = ce * (weights[rec.y] if weights is not None else 1.0)
-            if entropy_lambda and att is not None:
-                loss = loss + entropy_lambda * entropy_regulariser(att.float())
-            if distill_lambda and train and kind == "ats":
-                distill = score_distillation(att.float(), out.indices, scores, distill_beta)
-                loss = loss + distill_lambda * distill
+            if step.entropy_lambda and att is not None:
+                loss = loss + step.entropy_lambda * entropy_regulariser(att.float())
+            if step.distill_lambda and train and kind == "ats":
+                distill = score_distillation(att.float(), out.indices, scores, step.distill_beta)
+                loss = loss + step.distill_lambda * distill
             if train:
-                check_finite(loss, f"{where}, step {k // accumulate + 1}, slide {rec.slide_id}")
-                scaled = loss / accumulate
+                at = f"{where}, step {k // step.accumulate + 1}, slide {rec.slide_id}"
+                check_finite(loss, at)
+                scaled = loss / step.accumulate
                 (scaler.scale(scaled) if scaler is not None else scaled).backward()
         if train and last_of_step:
             if scaler is not None:
                 scaler.unscale_(optimizer)
-            if clip_norm:
-                nn.utils.clip_grad_norm_(model.parameters(), clip_norm)
+            if step.clip_norm:
+                nn.utils.clip_grad_norm_(model.parameters(), step.clip_norm)
             if scaler is not None:
                 scaler.step(optimizer)
                 scaler.update()

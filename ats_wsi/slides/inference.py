@@ -22,7 +22,8 @@ import torch
 from ats_wsi.checkpoint import atomic_write_text, load_checkpoint, load_model_state
 from ats_wsi.io.readers import MppSpec, SlideReader, open_slide
 from ats_wsi.model import ATSModel
-from ats_wsi.slides.engine import SlideResult, SlideSettings, build_model, predict_slide
+from ats_wsi.settings import parse
+from ats_wsi.slides.engine import SlideResult, build_model, predict_slide
 from ats_wsi.slides.export import (
     PredictionsCSV,
     prediction_columns,
@@ -42,6 +43,7 @@ from ats_wsi.slides.report import (
     save_attention_tiles_geojson,
     write_summary_html,
 )
+from ats_wsi.slides.settings import SlideSettings, TrainConfig
 
 __all__ = [
     "PredictOptions",
@@ -87,16 +89,16 @@ class Predictor:
     model: ATSModel
     settings: SlideSettings
     classes: list[str]
-    config: dict[str, Any]
+    config: TrainConfig
 
     @classmethod
     def load(cls, checkpoint: str | os.PathLike[str], device: str = "cpu") -> Predictor:
         """Restore with ``torch.load(weights_only=True)`` (via :func:`load_checkpoint`)."""
         ckpt = load_checkpoint(checkpoint, map_location=device)
-        cfg = ckpt["config"]
-        classes = list(ckpt["extra"].get("classes") or cfg["classes"])
-        settings = SlideSettings.from_dict(dict(cfg["slides"]))
-        model = build_model(cfg["model"], len(classes), settings.patch_size)
+        cfg = parse(TrainConfig, ckpt["config"], f"{checkpoint} (its config)")
+        classes = list(ckpt["extra"].get("classes") or cfg.classes)
+        settings = cfg.slides
+        model = build_model(cfg.model, len(classes), settings.patch_size)
         load_model_state(model, ckpt)
         model.to(device).eval()
         return cls(model, settings, classes, cfg)

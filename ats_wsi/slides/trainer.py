@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -26,13 +26,11 @@ import torch.distributed as dist
 from torch import nn
 
 from ats_wsi.checkpoint import atomic_write_text, library_versions
-from ats_wsi.config import load_yaml_config, validate
+from ats_wsi.settings import load_yaml, parse, to_dict
 from ats_wsi.slides.cohort import DEMO_CLASSES, DemoCohortConfig, make_demo_cohort
 from ats_wsi.slides.engine import (
-    MODEL_DEFAULTS,
     LowResBaseline,
     SlideRecord,
-    SlideSettings,
     ViewStore,
     build_model,
     classification_metrics,
@@ -40,6 +38,7 @@ from ats_wsi.slides.engine import (
 )
 from ats_wsi.slides.manifest import ManifestError, make_splits, mpp_spec, read_manifest
 from ats_wsi.slides.progress import slide_progress
+from ats_wsi.slides.settings import SlideSettings, TrainConfig, TrainSettings
 from ats_wsi.training import (
     class_balanced_weights,
     dist_info,
@@ -49,98 +48,16 @@ from ats_wsi.training import (
     seed_everything,
 )
 
-__all__ = ["SCHEMA", "default_config", "load_config", "train"]
+__all__ = ["default_config", "fit_slides", "load_config", "train"]
 
-_NUM = (int, float)
-_OPT_NUM = (int, float, type(None))
-_OPT_INT = (int, type(None))
-_OPT_STR = (str, type(None))
-
-SCHEMA: dict[str, Any] = {
-    "seed": ((int,), 0),
-    "classes": ((list, type(None)), None),
-    "data": {
-        "manifest": (_OPT_STR, None),  # None: build the demo cohort
-        "slide_dir": (_OPT_STR, None),
-        "val_fraction": (_NUM, 0.2),
-        "test_fraction": (_NUM, 0.25),
-        "mpp": (_OPT_NUM, None),  # level-0 mpp of slides whose file and manifest give none
-        "mpp_override": ((bool,), False),  # the manifest's / data.mpp wins over metadata
-    },
-    "demo": ((dict,), {}),
-    "slides": {
-        "attention_mpp": (_NUM, 16.0),
-        "patch_mpp": (_NUM, 0.5),
-        "patch_size": ((int,), 32),
-        "min_tissue": (_NUM, 0.1),
-        "backend": (_OPT_STR, None),
-        "slide_mpp": (_OPT_NUM, None),
-        "read_workers": ((int,), 4),
-    },
-    "model": {
-        "attention_net": ((dict, str), {"name": "histology", "width": 8}),
-        "feature_net": ((dict, str), {"name": "histology", "width": 16}),
-        "n_patches": ((int,), 16),
-        "sampler": ((str,), "without_replacement"),
-        "smoothing": (_NUM, 1e-4),
-        "in_channels": ((int,), MODEL_DEFAULTS["in_channels"]),
-        "input_mean": ((int, float, list), MODEL_DEFAULTS["input_mean"]),
-        "input_std": ((int, float, list), MODEL_DEFAULTS["input_std"]),
-    },
-    "train": {
-        "epochs": ((int,), 40),
-        "lr": (_NUM, 1e-3),
-        "head_lr_multiplier": (_NUM, 30.0),
-        "encoder_lr": (_OPT_NUM, None),  # trainable blocks of a pretrained encoder; None: lr
-        "weight_decay": (_NUM, 0.0),
-        "accumulate": ((int,), 2),
-        "entropy_lambda": (_NUM, 1e-2),
-        "distill_lambda": (_NUM, 0.0),  # attention toward the head's tile scores (slides.md)
-        "distill_beta": (_NUM, 2.0),
-        "clip_norm": (_OPT_NUM, 1.0),
-        "class_balanced": ((bool,), True),
-        "amp": ((bool,), True),
-        "device": ((str,), "auto"),
-        "prefetch_depth": ((int,), 4),
-        "cache_views": ((bool,), True),
-        # Features of a frozen pretrained encoder, kept across epochs (0 disables).
-        "feature_cache_mb": (_NUM, 1024),
-        "feature_cache_dir": (_OPT_STR, None),
-        "select_metric": ((str,), "val_loss"),
-        "eval_sampler": ((str,), "topk"),
-        "eval_every": ((int,), 1),
-        "time_budget_s": (_OPT_NUM, None),
-        "torch_threads": (_OPT_INT, None),
-        "progress": ((bool, type(None)), None),
-    },
-    "baseline": {
-        "enabled": ((bool,), True),
-        "epochs": (_OPT_INT, None),  # None: same as ATS
-        "lr": (_NUM, 3e-3),
-        "width": ((int,), 16),
-    },
-    "predict": {
-        "enabled": ((bool,), True),
-        "sampler": ((str,), "topk"),
-        "n_patches": (_OPT_INT, None),
-        "heatmaps": ((bool,), True),
-        "gallery": ((bool,), True),
-        "zarr": ((bool,), True),
-        "geojson": ((bool,), True),
-        "workers": ((int,), 0),
-        "scheduler_address": (_OPT_STR, None),
-    },
-}
+def default_config() -> TrainConfig:
+    """The defaults (what an empty YAML file gives)."""
+    return parse(TrainConfig, {}, "<defaults>")
 
 
-def default_config() -> dict[str, Any]:
-    """The schema's defaults (what an empty YAML file gives)."""
-    return validate({}, SCHEMA, "<defaults>")
-
-
-def load_config(path: str | os.PathLike[str] | None) -> dict[str, Any]:
+def load_config(path: str | os.PathLike[str] | None) -> TrainConfig:
     """Validated config from YAML (``yaml.safe_load``), or the defaults when ``path`` is None."""
-    return default_config() if path is None else load_yaml_config(path, SCHEMA)
+    return default_config() if path is None else load_yaml(TrainConfig, path)
 
 
 # ----------------------------------------------------------------------------- distributed
@@ -201,31 +118,33 @@ def fit_slides(
     val_recs: Sequence[SlideRecord],
     views: ViewStore,
     settings: SlideSettings,
-    cfg: dict[str, Any],
+    tcfg: TrainSettings,
     out: Path,
     *,
     kind: str,
     epochs: int,
+    seed: int,
     device: torch.device,
     resume_run: bool,
     extra: dict[str, Any],
+    config: dict[str, Any],
 ) -> list[dict[str, Any]]:
-    """Train one model through :func:`ats_wsi.training.fit` with slide epoch steps: each rank
-    runs its shard of the slides, metrics are gathered over ranks; ``{name}_last.pt`` and
-    ``{name}_best.pt`` (by ``train.select_metric``)."""
-    tcfg = cfg["train"]
+    """Train one model through :func:`ats_wsi.training.fit` with slide epoch steps (``tcfg``:
+    the optimisation; ``config``: the plain config its checkpoints store): each rank runs its
+    shard of the slides, metrics are gathered over ranks; ``{name}_last.pt`` and
+    ``{name}_best.pt`` (by ``tcfg.select_metric``)."""
     rank, world = dist_info()
     weights = None
-    if tcfg["class_balanced"]:
+    if tcfg.class_balanced:
         weights = class_balanced_weights([r.y for r in train_recs], len(extra["classes"]))
-    use_amp = bool(tcfg["amp"]) and device.type == "cuda"
+    use_amp = bool(tcfg.amp) and device.type == "cuda"
     scaler = None
     if use_amp and not torch.cuda.is_bf16_supported():
         scaler = torch.amp.GradScaler("cuda")
     cache = _feature_cache(model, _rank_cache_dir(tcfg, rank, world))
 
     def train_step(epoch: int) -> dict[str, Any]:
-        idx = shard(len(train_recs), rank, world, cfg["seed"], epoch, shuffle=True, pad=True)
+        idx = shard(len(train_recs), rank, world, seed, epoch, shuffle=True, pad=True)
         part = run_slides(
             model,
             [train_recs[i] for i in idx],
@@ -234,18 +153,14 @@ def fit_slides(
             kind=kind,
             optimizer=optimizer,
             device=device,
+            step=tcfg,
             class_weights=weights,
-            entropy_lambda=tcfg["entropy_lambda"],
-            distill_lambda=tcfg["distill_lambda"],
-            distill_beta=tcfg["distill_beta"],
-            accumulate=tcfg["accumulate"],
-            clip_norm=tcfg["clip_norm"],
             amp=use_amp,
             scaler=scaler,
-            seed=cfg["seed"],
+            seed=seed,
             epoch=epoch,
             where=f"{name} epoch {epoch}",
-            progress=slide_progress(f"{name} {epoch}/{epochs}", len(idx), _bar(cfg, rank)),
+            progress=slide_progress(f"{name} {epoch}/{epochs}", len(idx), _bar(tcfg, rank)),
             feature_cache=cache,
         )
         metrics = _epoch_metrics(_gather(part, world), "train_")
@@ -255,7 +170,7 @@ def fit_slides(
         return metrics
 
     def eval_step(epoch: int) -> dict[str, Any]:
-        vidx = shard(len(val_recs), rank, world, cfg["seed"], 0, shuffle=False, pad=False)
+        vidx = shard(len(val_recs), rank, world, seed, 0, shuffle=False, pad=False)
         vpart = run_slides(
             model,
             [val_recs[i] for i in vidx],
@@ -264,9 +179,9 @@ def fit_slides(
             kind=kind,
             device=device,
             amp=use_amp,
-            sampler=tcfg["eval_sampler"],
-            seed=cfg["seed"],
-            progress=slide_progress(f"{name} val", len(vidx), _bar(cfg, rank)),
+            sampler=tcfg.eval_sampler,
+            seed=seed,
+            progress=slide_progress(f"{name} val", len(vidx), _bar(tcfg, rank)),
             feature_cache=cache,
         )
         return _epoch_metrics(_gather(vpart, world), "val_")
@@ -279,37 +194,37 @@ def fit_slides(
         out_dir=out,
         name=name,
         eval_step=eval_step if val_recs else None,
-        eval_every=tcfg["eval_every"],
+        eval_every=tcfg.eval_every,
         device=device,
-        config=cfg,
+        config=config,
         extra=extra,
         checkpoint_name="{name}_last.pt",
-        select_metric=tcfg["select_metric"],
+        select_metric=tcfg.select_metric,
         resume_run=resume_run,
-        time_budget_s=tcfg["time_budget_s"],
-        on_epoch_end=lambda epoch, r: _log(cfg, f"[{name}] epoch {epoch}/{epochs} " + _fmt(r)),
+        time_budget_s=tcfg.time_budget_s,
+        on_epoch_end=lambda epoch, r: _log(tcfg, f"[{name}] epoch {epoch}/{epochs} " + _fmt(r)),
     )
 
 
-def _feature_cache(model: nn.Module, tcfg: dict[str, Any]) -> Any:
+def _feature_cache(model: nn.Module, tcfg: TrainSettings) -> Any:
     """A :class:`~ats_wsi.encoders.FeatureCache` when the model's feature net is a fully frozen
     pretrained encoder (a trained one's features change with every step), else None."""
     from ats_wsi.encoders import FeatureCache, PatchEncoder
 
     net = getattr(getattr(model, "module", model), "feature_net", None)
-    if not (isinstance(net, PatchEncoder) and net.fully_frozen) or tcfg["feature_cache_mb"] <= 0:
+    if not (isinstance(net, PatchEncoder) and net.fully_frozen) or tcfg.feature_cache_mb <= 0:
         return None
 
-    max_bytes = int(tcfg["feature_cache_mb"] * 2**20)
-    return FeatureCache(max_bytes=max_bytes, path=tcfg["feature_cache_dir"])
+    max_bytes = int(tcfg.feature_cache_mb * 2**20)
+    return FeatureCache(max_bytes=max_bytes, path=tcfg.feature_cache_dir)
 
 
-def _rank_cache_dir(tcfg: dict[str, Any], rank: int, world: int) -> dict[str, Any]:
+def _rank_cache_dir(tcfg: TrainSettings, rank: int, world: int) -> TrainSettings:
     """Under DDP each rank gets its own disk feature cache, ``<feature_cache_dir>/rank<r>``:
     the zarr store takes one writer at a time, and every rank writes the slides it reads."""
-    if world == 1 or not tcfg["feature_cache_dir"]:
+    if world == 1 or not tcfg.feature_cache_dir:
         return tcfg
-    return {**tcfg, "feature_cache_dir": str(Path(tcfg["feature_cache_dir"]) / f"rank{rank}")}
+    return replace(tcfg, feature_cache_dir=str(Path(tcfg.feature_cache_dir) / f"rank{rank}"))
 
 
 def _fmt(record: dict[str, Any]) -> str:
@@ -325,35 +240,35 @@ def _fmt(record: dict[str, Any]) -> str:
     return " ".join(f"{k}={record[k]:.3f}" for k in keys if isinstance(record.get(k), float))
 
 
-def _bar(cfg: dict[str, Any], rank: int) -> bool | None:
+def _bar(tcfg: TrainSettings, rank: int) -> bool | None:
     """Progress bars: rank 0 only; ``train.progress`` None shows them on a terminal."""
-    return False if rank else cfg["train"]["progress"]
+    return False if rank else tcfg.progress
 
 
-def _log(cfg: dict[str, Any], msg: str) -> None:
-    if cfg["train"]["progress"] is not False:
+def _log(tcfg: TrainSettings, msg: str) -> None:
+    if tcfg.progress is not False:
         print(msg, flush=True)
 
 
 def _load_data(
-    cfg: dict[str, Any], out: Path, rank: int, world: int
+    cfg: TrainConfig, out: Path, rank: int, world: int
 ) -> tuple[Any, list[str], Path | None]:
     """Manifest (built for the demo when none is configured) with a ``split`` column."""
-    dcfg = cfg["data"]
+    dcfg = cfg.data
     lesions = None
-    if dcfg["manifest"] is None:
+    if dcfg.manifest is None:
         cohort_dir = out / "cohort"
         if rank == 0:
-            make_demo_cohort(cohort_dir, DemoCohortConfig.from_dict(cfg["demo"]))
+            make_demo_cohort(cohort_dir, DemoCohortConfig.from_dict(cfg.demo))
         if world > 1:
             dist.barrier()
         manifest = cohort_dir / "manifest.csv"
-        classes = list(cfg["classes"] or DEMO_CLASSES)
+        classes = list(cfg.classes or DEMO_CLASSES)
         lesions = cohort_dir / "lesions.csv"
     else:
-        manifest = Path(dcfg["manifest"])
-        classes = cfg["classes"]
-    df = read_manifest(manifest, slide_dir=dcfg["slide_dir"], classes=classes)
+        manifest = Path(dcfg.manifest)
+        classes = cfg.classes
+    df = read_manifest(manifest, slide_dir=dcfg.slide_dir, classes=classes)
     missing = df[df.path == ""]
     if len(missing):
         lines = ", ".join(
@@ -375,7 +290,7 @@ def _saved_splits(df: Any, splits_csv: Path, classes: list[str]) -> Any:
 
 
 def _shared_splits(
-    df: Any, splits_csv: Path, cfg: dict[str, Any], classes: list[str], rank: int, world: int
+    df: Any, splits_csv: Path, cfg: TrainConfig, classes: list[str], rank: int, world: int
 ) -> Any:
     """The manifest with its ``split`` column, identical on every rank.
 
@@ -389,8 +304,8 @@ def _shared_splits(
         if old is not None:
             df = _saved_splits(df, splits_csv, classes)
         if (df.split == "").any():
-            dcfg = cfg["data"]
-            df = make_splits(df, dcfg["val_fraction"], dcfg["test_fraction"], cfg["seed"])
+            dcfg = cfg.data
+            df = make_splits(df, dcfg.val_fraction, dcfg.test_fraction, cfg.seed)
         text = df[["case_id", "slide_id", "label", "split"]].to_csv(index=False)
         if text != old:
             atomic_write_text(splits_csv, text)
@@ -404,43 +319,50 @@ def _shared_splits(
 
 
 def train(
-    cfg: dict[str, Any], out_dir: str | os.PathLike[str], *, resume_run: bool = False
+    cfg: TrainConfig | Mapping[str, Any],
+    out_dir: str | os.PathLike[str],
+    *,
+    resume_run: bool = False,
 ) -> dict[str, Any]:
-    """Train ATS (and the low-res baseline), then predict the test split; returns the results."""
+    """Train ATS (and the low-res baseline), then predict the test split; returns the results.
+    ``cfg`` is a :class:`TrainConfig` or plain data, validated into one here."""
     t_start = time.perf_counter()
+    if not isinstance(cfg, TrainConfig):
+        cfg = parse(TrainConfig, cfg, "<config>")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tcfg = cfg["train"]
-    device = pick_device(tcfg["device"])
+    tcfg = cfg.train
+    plain = to_dict(cfg)  # what checkpoints store and a resume compares
+    device = pick_device(tcfg.device)
     rank, world = init_distributed(device)
-    if tcfg["torch_threads"]:
-        torch.set_num_threads(tcfg["torch_threads"])
+    if tcfg.torch_threads:
+        torch.set_num_threads(tcfg.torch_threads)
     df, classes, lesions = _load_data(cfg, out, rank, world)
-    settings = SlideSettings.from_dict(dict(cfg["slides"]))
+    settings = cfg.slides
     if settings.slide_mpp is None:
         # Each slide's manifest mpp, then data.mpp, for files without (or, with
         # data.mpp_override, instead of) their own: reaches every open_slide of the run.
-        spec = mpp_spec(df, cfg["data"]["mpp"], cfg["data"]["mpp_override"], "cli")
+        spec = mpp_spec(df, cfg.data.mpp, cfg.data.mpp_override, "cli")
         settings = replace(settings, slide_mpp=spec)
     train_recs = _records(df[df.split == "train"])
     val_recs = _records(df[df.split == "val"])
     test_df = df[df.split == "test"]
     extra = {"classes": classes, "versions": library_versions()}
-    views = ViewStore(settings.loader(), tcfg["prefetch_depth"], cache=tcfg["cache_views"])
+    views = ViewStore(settings.loader(), tcfg.prefetch_depth, cache=tcfg.cache_views)
     results: dict[str, Any] = {
         "classes": classes,
         "n_slides": {s: int((df.split == s).sum()) for s in ("train", "val", "test")},
         "world_size": world,
     }
     try:
-        seed_everything(cfg["seed"])
-        model = build_model(cfg["model"], len(classes), settings.patch_size).to(device)
+        seed_everything(cfg.seed)
+        model = build_model(cfg.model, len(classes), settings.patch_size).to(device)
         # The head reads a mean of unit-norm features in which a lesion patch weighs ~1/N:
         # its weights must grow large, hence a larger learning rate for it alone.
         optim = torch.optim.Adam(
-            param_groups(model, tcfg["lr"], tcfg["head_lr_multiplier"], tcfg["encoder_lr"]),
-            lr=tcfg["lr"],
-            weight_decay=tcfg["weight_decay"],
+            param_groups(model, tcfg.lr, tcfg.head_lr_multiplier, tcfg.encoder_lr),
+            lr=tcfg.lr,
+            weight_decay=tcfg.weight_decay,
         )
         wrapped = _ddp(model, device, world)
         history = fit_slides(
@@ -451,22 +373,24 @@ def train(
             val_recs,
             views,
             settings,
-            cfg,
+            tcfg,
             out,
             kind="ats",
-            epochs=tcfg["epochs"],
+            epochs=tcfg.epochs,
+            seed=cfg.seed,
             device=device,
             resume_run=resume_run,
             extra=extra,
+            config=plain,
         )
         results["ats_history_epochs"] = len(history)
-        bcfg = cfg["baseline"]
-        if bcfg["enabled"]:
-            seed_everything(cfg["seed"] + 1)
-            base = LowResBaseline(cfg["model"]["in_channels"], bcfg["width"], len(classes)).to(
+        bcfg = cfg.baseline
+        if bcfg.enabled:
+            seed_everything(cfg.seed + 1)
+            base = LowResBaseline(cfg.model.in_channels, bcfg.width, len(classes)).to(
                 device
             )
-            boptim = torch.optim.Adam(base.parameters(), lr=bcfg["lr"])
+            boptim = torch.optim.Adam(base.parameters(), lr=bcfg.lr)
             fit_slides(
                 "baseline",
                 _ddp(base, device, world),
@@ -475,15 +399,17 @@ def train(
                 val_recs,
                 views,
                 settings,
-                cfg,
+                tcfg,
                 out,
                 kind="baseline",
-                epochs=bcfg["epochs"] or tcfg["epochs"],
+                epochs=bcfg.epochs or tcfg.epochs,
+                seed=cfg.seed,
                 device=device,
                 resume_run=resume_run,
-                extra={**extra, "baseline_width": bcfg["width"]},
+                extra={**extra, "baseline_width": bcfg.width},
+                config=plain,
             )
-        if rank == 0 and len(test_df) and cfg["predict"]["enabled"]:
+        if rank == 0 and len(test_df) and cfg.predict.enabled:
             results.update(_evaluate_test(cfg, out, test_df, classes, settings, views, device))
     finally:
         views.close()
@@ -507,7 +433,7 @@ def _ddp(model: nn.Module, device: torch.device, world: int) -> nn.Module:
 
 
 def _evaluate_test(
-    cfg: dict[str, Any],
+    cfg: TrainConfig,
     out: Path,
     test_df: Any,
     classes: list[str],
@@ -519,18 +445,18 @@ def _evaluate_test(
     from ats_wsi.checkpoint import load_checkpoint
     from ats_wsi.slides.inference import PredictOptions, predict_many, records_from_frame
 
-    pcfg = cfg["predict"]
+    pcfg = cfg.predict
     options = PredictOptions(
-        sampler=pcfg["sampler"],
-        n_patches=pcfg["n_patches"],
-        seed=cfg["seed"],
-        heatmaps=pcfg["heatmaps"],
-        gallery=pcfg["gallery"],
-        zarr=pcfg["zarr"],
-        geojson=pcfg["geojson"],
+        sampler=pcfg.sampler,
+        n_patches=pcfg.n_patches,
+        seed=cfg.seed,
+        heatmaps=pcfg.heatmaps,
+        gallery=pcfg.gallery,
+        zarr=pcfg.zarr,
+        geojson=pcfg.geojson,
         device=str(device),
-        mpp=cfg["data"]["mpp"],
-        mpp_override=cfg["data"]["mpp_override"],
+        mpp=cfg.data.mpp,
+        mpp_override=cfg.data.mpp_override,
     )
     pred_dir = out / "predictions"
     # A fresh run over the same folder must not skip slides because of a stale CSV.
@@ -543,18 +469,18 @@ def _evaluate_test(
         pred_dir,
         options,
         classes=classes,
-        workers=pcfg["workers"],
-        scheduler_address=pcfg["scheduler_address"],
+        workers=pcfg.workers,
+        scheduler_address=pcfg.scheduler_address,
     )
     keys = (
         *("n", "n_labelled", "n_errors"),  # predicted, labelled of them, error rows
         *("accuracy", "balanced_accuracy", "auc", "confusion_matrix"),  # over the labelled
     )
     res: dict[str, Any] = {"test_ats": {k: summary.get(k) for k in keys}}
-    if cfg["baseline"]["enabled"] and (out / "baseline_best.pt").exists():
+    if cfg.baseline.enabled and (out / "baseline_best.pt").exists():
         ckpt = load_checkpoint(out / "baseline_best.pt", map_location=device)
         base = LowResBaseline(
-            cfg["model"]["in_channels"], int(ckpt["extra"]["baseline_width"]), len(classes)
+            cfg.model.in_channels, int(ckpt["extra"]["baseline_width"]), len(classes)
         ).to(device)
         base.load_state_dict(ckpt["model"])
         ys, probs, losses, _ = run_slides(

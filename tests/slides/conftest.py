@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import copy
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from ats_wsi.slides.cohort import DemoCohortConfig, make_demo_cohort
+from ats_wsi.slides.settings import TrainConfig
 from ats_wsi.slides.trainer import default_config
 
 TINY_COHORT = DemoCohortConfig(
@@ -29,20 +30,20 @@ def tiny_cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_config() -> Any:
-    """Factory ``tiny_config(manifest=None, **train_overrides) -> config dict``."""
+    """Factory ``tiny_config(manifest=None, **train_overrides) -> TrainConfig``."""
     return _tiny_config
 
 
-def _tiny_config(manifest: Path | None = None, **train: Any) -> dict[str, Any]:
+def _tiny_config(manifest: Path | None = None, **train: Any) -> TrainConfig:
     """A config that trains for one epoch on a handful of slides."""
-    cfg = copy.deepcopy(default_config())
-    cfg["data"]["manifest"] = None if manifest is None else str(manifest)
-    cfg["data"]["val_fraction"] = 0.2
-    cfg["data"]["test_fraction"] = 0.3
-    cfg["model"]["n_patches"] = 4
-    cfg["model"]["feature_net"] = {"name": "histology", "width": 4}
-    cfg["train"].update({"epochs": 1, "prefetch_depth": 2, "progress": False, "torch_threads": 1})
-    cfg["train"].update(train)
-    cfg["baseline"]["epochs"] = 1
-    cfg["predict"].update({"gallery": False})
+    cfg = default_config()
+    cfg.data.manifest = None if manifest is None else str(manifest)
+    cfg.data.val_fraction = 0.2
+    cfg.data.test_fraction = 0.3
+    cfg.model.n_patches = 4
+    cfg.model.feature_net = {"name": "histology", "width": 4}
+    cfg.train = replace(cfg.train, epochs=1, prefetch_depth=2, progress=False, torch_threads=1)
+    cfg.train = replace(cfg.train, **train)
+    cfg.baseline.epochs = 1
+    cfg.predict = replace(cfg.predict, gallery=False)
     return cfg

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import csv
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ats_wsi.checkpoint import save_checkpoint
+from ats_wsi.settings import to_dict
 from ats_wsi.slides.engine import build_model
 from ats_wsi.slides.trainer import default_config
 
@@ -20,11 +22,13 @@ def untrained_checkpoint(path: Path, **slides: Any) -> Path:
     net) saved as a training checkpoint: prediction plumbing needs no trained weights."""
     torch.manual_seed(0)
     cfg = default_config()
-    cfg["model"]["n_patches"] = 4
-    cfg["model"]["feature_net"] = {"name": "histology", "width": 4}
-    cfg["slides"].update(slides)
-    model = build_model(cfg["model"], len(CLASSES), cfg["slides"]["patch_size"])
-    return save_checkpoint(path, model=model, epoch=1, config=cfg, extra={"classes": CLASSES})
+    cfg.model.n_patches = 4
+    cfg.model.feature_net = {"name": "histology", "width": 4}
+    cfg.slides = replace(cfg.slides, **slides)
+    model = build_model(cfg.model, len(CLASSES), cfg.slides.patch_size)
+    return save_checkpoint(
+        path, model=model, epoch=1, config=to_dict(cfg), extra={"classes": CLASSES}
+    )
 
 
 def rows(path: Path) -> list[dict[str, str]]:

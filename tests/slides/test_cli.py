@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import tomllib
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -211,11 +212,11 @@ def test_train_with_per_slide_mpp(tiny_cohort: Path, tiny_config, tmp_path: Path
         tmp_path / "m.csv", index=False
     )
     cfg = tiny_config(tmp_path / "m.csv")
-    cfg["baseline"]["enabled"] = False
-    cfg["predict"].update(heatmaps=False, zarr=False, geojson=False)
+    cfg.baseline.enabled = False
+    cfg.predict = replace(cfg.predict, heatmaps=False, zarr=False, geojson=False)
     with pytest.raises(MissingResolutionError):
         train(cfg, tmp_path / "run0")  # the odd slides have no mpp anywhere
-    cfg["data"]["mpp"] = 0.5
+    cfg.data.mpp = 0.5
     train(cfg, tmp_path / "run")
     table = rows(tmp_path / "run" / "predictions" / "predictions.csv")
     by_id = dict(zip(df.slide_id, df.mpp, strict=True))

@@ -4,6 +4,7 @@ attention resolution. Minutes of CPU: marked slow."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,7 @@ CONFIG = Path(__file__).resolve().parents[2] / "configs" / "slides_demo.yaml"
 def test_demo_ats_beats_low_res_baseline(tmp_path: Path) -> None:
     torch.set_num_threads(1)
     cfg = load_config(CONFIG)
-    cfg["predict"].update({"gallery": False, "geojson": False})
+    cfg.predict = replace(cfg.predict, gallery=False, geojson=False)
     results = train(cfg, tmp_path)
     ats, base = results["test_ats"], results["test_baseline"]
     assert ats["n_errors"] == 0 and ats["n"] >= 16

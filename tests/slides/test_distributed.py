@@ -20,6 +20,7 @@ import torch
 import yaml
 from slide_helpers import rows
 
+from ats_wsi.settings import to_dict
 from ats_wsi.slides import cohort as cohort_module
 from ats_wsi.slides import trainer
 from ats_wsi.slides.cohort import DemoCohortConfig, make_demo_cohort
@@ -38,12 +39,12 @@ def free_port() -> int:
 
 
 def demo_config(tiny_config: Any, **train: Any) -> dict[str, Any]:
-    """The tiny config on a tiny demo cohort that the run builds itself."""
+    """The tiny config on a tiny demo cohort that the run builds itself, as plain data."""
     cfg = tiny_config(None, device="cpu", **train)
-    cfg["demo"] = dict(DEMO)
-    cfg["baseline"]["enabled"] = False
-    cfg["predict"].update({"heatmaps": False, "zarr": False, "geojson": False})
-    return cfg
+    cfg.demo = dict(DEMO)
+    cfg.baseline.enabled = False
+    cfg.predict = replace(cfg.predict, heatmaps=False, zarr=False, geojson=False)
+    return to_dict(cfg)
 
 
 def torchrun(config: Path, out: Path, *extra: str) -> subprocess.CompletedProcess[str]:

@@ -17,6 +17,7 @@ import pytest
 import torch
 import yaml
 
+from ats_wsi.settings import to_dict
 from ats_wsi.slides.export import prediction_columns
 from ats_wsi.slides.inference import PredictOptions, predict_many, records_from_frame
 from ats_wsi.slides.manifest import read_manifest
@@ -65,8 +66,8 @@ def test_resume_continues_without_duplicate_lines(
     tiny_cohort: Path, tiny_config: Any, trained: Path
 ) -> None:
     cfg = tiny_config(tiny_cohort, epochs=2)
-    cfg["baseline"]["enabled"] = False
-    cfg["predict"]["enabled"] = False
+    cfg.baseline.enabled = False
+    cfg.predict.enabled = False
     out = trained.parent / "resumed"
     shutil.copytree(trained, out)
     train(cfg, out, resume_run=True)
@@ -164,10 +165,10 @@ def test_localcluster_rows_match_local(tiny_cohort: Path, trained: Path, tmp_pat
 @pytest.mark.slow
 def test_two_process_gloo_training(tiny_cohort: Path, tiny_config: Any, tmp_path: Path) -> None:
     cfg = tiny_config(tiny_cohort)
-    cfg["baseline"]["enabled"] = False
-    cfg["predict"]["enabled"] = False
-    cfg["train"]["device"] = "cpu"
-    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    cfg.baseline.enabled = False
+    cfg.predict.enabled = False
+    cfg.train.device = "cpu"
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(to_dict(cfg)))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     cmd = [
         sys.executable,

@@ -13,7 +13,9 @@ import torch
 
 from ats_wsi.checkpoint import load_checkpoint, load_model_state, save_checkpoint
 from ats_wsi.encoders import FeatureCache
+from ats_wsi.settings import parse
 from ats_wsi.slides.engine import SlideSettings, build_model, slide_forward, slide_generator
+from ats_wsi.slides.settings import ModelSettings
 from ats_wsi.training import param_groups
 
 LITE0 = {"name": "timm", "preset": "efficientnet-lite0", "input_size": 64}
@@ -28,7 +30,7 @@ def _model(freeze: Any = True) -> Any:
         "n_patches": 4,
         "sampler": "without_replacement",
     }
-    return build_model(cfg, 2, SETTINGS.patch_size)
+    return build_model(parse(ModelSettings, cfg), 2, SETTINGS.patch_size)
 
 
 def _slide(tiny_cohort: Path) -> str:
@@ -106,8 +108,8 @@ def test_train_and_predict_with_a_frozen_pretrained_encoder(
     from ats_wsi.slides.trainer import train
 
     cfg = tiny_config(tiny_cohort, epochs=2)
-    cfg["model"]["feature_net"] = dict(LITE0)
-    cfg["baseline"]["enabled"] = False
+    cfg.model.feature_net = dict(LITE0)
+    cfg.baseline.enabled = False
     results = train(cfg, tmp_path)
     log = [json.loads(x) for x in (tmp_path / "ats_metrics.jsonl").read_text().splitlines()]
     # Epoch 2 reads the cache epoch 1 filled (the same slides, some of the same boxes).
