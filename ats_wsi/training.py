@@ -361,13 +361,43 @@ def _better(metric: str, new: float | None, best: float | None) -> bool:
     return new < best if metric.endswith("loss") else new > best
 
 
+class _RunFiles:
+    """Where :func:`fit` keeps a run: the metrics log and the last / best checkpoints in a
+    folder, or (no folder) the records in memory and no checkpoint at all."""
+
+    def __init__(
+        self, out_dir: str | Path | None, name: str, checkpoint_name: str, best_name: str
+    ) -> None:
+        self.memory: list[dict[str, Any]] = []
+        self.log = self.ckpt = self.best = None
+        if out_dir is not None:
+            out = Path(out_dir)
+            out.mkdir(parents=True, exist_ok=True)
+            self.log = out / f"{name}_metrics.jsonl"
+            self.ckpt = out / checkpoint_name.format(name=name)
+            self.best = out / best_name.format(name=name)
+
+    def clear_log(self) -> None:
+        if self.log is not None and self.log.exists():
+            self.log.unlink()
+
+    def append(self, record: dict[str, Any]) -> None:
+        if self.log is None:
+            self.memory.append(record)
+        else:
+            append_jsonl(self.log, record)
+
+    def records(self) -> list[dict[str, Any]]:
+        return self.memory if self.log is None else read_jsonl(self.log)
+
+
 def fit(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     train_step: EpochStep,
     *,
     epochs: int,
-    out_dir: str | Path,
+    out_dir: str | Path | None,
     name: str = "ats",
     eval_step: EpochStep | None = None,
     eval_every: int = 1,
@@ -401,32 +431,31 @@ def fit(
     ``best_name``. With ``resume_run`` and an existing checkpoint, training goes on from the
     epoch after it and later log lines are dropped. ``scheduler.step()`` runs once per epoch.
 
+    ``out_dir`` None trains in memory: no file is written or resumed, and the records are
+    returned (benchmarks that train many models in worker processes).
+
     Under torch.distributed every rank runs the steps (they gather their own metrics); rank 0
     writes the files (the log is read by rank 0 alone), and all ranks meet at a barrier after
     resuming and after each epoch. Returns every record of the metrics log (earlier runs
     included; [] on other ranks).
     """
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     rank, world = dist_info()
     core = model.module if hasattr(model, "module") else model
-    log_path = out_dir / f"{name}_metrics.jsonl"
-    ckpt_path = out_dir / checkpoint_name.format(name=name)
-    best_path = out_dir / best_name.format(name=name)
+    files = _RunFiles(out_dir, name, checkpoint_name, best_name)
     start, best = 1, None
-    if resume_run and ckpt_path.exists():
+    if resume_run and files.ckpt is not None and files.ckpt.exists():
         state = resume(
-            ckpt_path,
+            files.ckpt,
             model=core,
             optimizer=optimizer,
             scheduler=scheduler,
-            log_path=log_path if rank == 0 else None,
+            log_path=files.log if rank == 0 else None,
             generators=generators,
             map_location=torch.device(device),
         )
         start, best = state.start_epoch, state.extra.get("best")
-    elif rank == 0 and log_path.exists():
-        log_path.unlink()  # a fresh run must not inherit an old run's lines
+    elif rank == 0:
+        files.clear_log()  # a fresh run must not inherit an old run's lines
     # Every rank has looked for (and read) the checkpoint before rank 0 may overwrite it.
     _barrier(world)
     t_start = time.perf_counter()
@@ -455,10 +484,10 @@ def fit(
             if improved:
                 best = record[select_metric]
             info = {**(extra or {}), "best": best, "select_metric": select_metric}
-            if checkpoint_now:
+            if checkpoint_now and files.ckpt is not None:
                 # Checkpoint before logging: a log line never refers to a state that was lost.
                 save_checkpoint(
-                    ckpt_path,
+                    files.ckpt,
                     model=core,
                     optimizer=optimizer,
                     scheduler=scheduler,
@@ -467,17 +496,18 @@ def fit(
                     generators=generators,
                     extra=info,
                 )
-            if select_metric is not None and (improved or not best_path.exists()):
-                save_checkpoint(best_path, model=core, epoch=epoch, config=config, extra=info)
+            if select_metric is not None and files.best is not None:
+                if improved or not files.best.exists():
+                    save_checkpoint(files.best, model=core, epoch=epoch, config=config, extra=info)
             if select_metric is not None:
                 record["best"] = best
-            append_jsonl(log_path, record)
+            files.append(record)
             if on_epoch_end is not None:
                 on_epoch_end(epoch, record)
         _barrier(world)
         if out_of_time and epoch < epochs:
             break
-    return read_jsonl(log_path) if rank == 0 else []
+    return files.records() if rank == 0 else []
 
 
 def loader_steps(

@@ -320,3 +320,19 @@ def test_select_metric_keeps_the_best_epoch(tmp_path: Path) -> None:
     assert best["epoch"] == best_epoch and best["extra"]["best"] == max(accs)
     assert [r["best"] for r in hist] == [max(accs[: i + 1]) for i in range(4)]
     assert load_checkpoint(tmp_path / "ats_checkpoint.pt")["extra"]["best"] == max(accs)
+
+
+def test_fit_in_memory_writes_nothing_and_trains_the_same(tmp_path: Path, monkeypatch) -> None:
+    """``out_dir=None`` (the benchmarks' in-memory fit): the same weights and records as a run
+    in a folder, and not one file written."""
+    ref_model, ref_hist = _fit(tmp_path / "ref", epochs=3, select_metric="val_loss")
+    empty = tmp_path / "cwd"
+    empty.mkdir()
+    monkeypatch.chdir(empty)
+    model, hist = _fit(None, epochs=3, select_metric="val_loss")
+    assert list(empty.iterdir()) == []
+    timing = ("train_time_s", "epoch_time_s")
+    strip = [{k: v for k, v in r.items() if k not in timing} for r in hist]
+    assert strip == [{k: v for k, v in r.items() if k not in timing} for r in ref_hist]
+    for a, b in zip(model.state_dict().values(), ref_model.state_dict().values(), strict=True):
+        assert torch.equal(a, b)

@@ -9,8 +9,8 @@ default) on the same 256 px tiles at 0.5 um/px:
 
 * ``ats``: attention net on the 16 um/px view (pooled to one cell per 256 px tile), N tiles
   sampled without replacement, frozen encoder, linear head (:class:`~ats_wsi.model.ATSModel`,
-  trained with :func:`~ats_wsi.slides.engine.run_slides`: attention net and head only; test
-  with deterministic top-N);
+  trained in memory by :func:`~ats_wsi.slides.trainer.fit_slides`, the loop train_slides
+  uses: attention net and head only; test with deterministic top-N);
 * ``random``: the same model with a constant attention net, i.e. N tiles drawn uniformly over
   the tissue cells (train and test);
 * ``abmil``: gated-attention MIL (Ilse et al. 2018, :mod:`ats_wsi.mil`) over all tissue tiles;
@@ -268,12 +268,13 @@ def _ats_task(cfg: dict[str, Any]) -> dict[str, Any]:
         ViewStore,
         build_model,
         predict_slide,
-        run_slides,
         slide_forward,
         slide_generator,
     )
+    from ats_wsi.slides.realistic_cohort import CLASSES
     from ats_wsi.slides.settings import ModelSettings, TrainSettings
-    from ats_wsi.training import class_balanced_weights, param_groups, seed_everything
+    from ats_wsi.slides.trainer import fit_slides
+    from ats_wsi.training import param_groups, seed_everything
 
     settings = _settings(cfg)
     kind, n = cfg["task"], int(cfg["n"])
@@ -301,33 +302,34 @@ def _ats_task(cfg: dict[str, Any]) -> dict[str, Any]:
     # Only trainable parameters (the attention net, the head); random-N has no attention ones.
     groups = param_groups(model, cfg["lr"], cfg["head_lr_multiplier"])
     optim = torch.optim.Adam([g for g in groups if g["params"]], lr=cfg["lr"])
-    weights = class_balanced_weights([r.y for r in train], 2)
     epochs = cfg["epochs_ats"] if kind == "ats" else cfg["epochs_random"]
     step = TrainSettings(
         entropy_lambda=cfg["entropy_lambda"] if kind == "ats" else 0.0,
         distill_lambda=cfg["distill_lambda"] if kind == "ats" else 0.0,
         accumulate=cfg["accumulate"],
         clip_norm=1.0,
+        progress=False,
     )
     t0 = time.perf_counter()
-    history = []
-    for epoch in range(epochs):
-        order = np.random.default_rng([cfg["seed"], epoch]).permutation(len(train))
-        _, _, losses, _ = run_slides(
-            model,
-            [train[i] for i in order],
-            views,
-            settings,
-            optimizer=optim,
-            step=step,
-            class_weights=weights,
-            amp=False,
-            seed=cfg["seed"],
-            epoch=epoch,
-            where=f"{kind} N={n} epoch {epoch}",
-            feature_cache=cache,
-        )
-        history.append(float(np.mean(losses)))
+    # The library's slide fit, the one train_slides uses, in memory (no checkpoints).
+    records = fit_slides(
+        f"{kind} N={n}",
+        model,
+        optim,
+        train,
+        [],
+        views,
+        settings,
+        step,
+        None,
+        kind="ats",
+        epochs=epochs,
+        seed=cfg["seed"],
+        device=torch.device("cpu"),
+        extra={"classes": CLASSES},
+        feature_cache=cache,
+    )
+    history = [r["train_loss"] for r in records]
     train_s = time.perf_counter() - t0
     train_misses = cache.misses
 
@@ -453,8 +455,10 @@ def _lowres_task(cfg: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     from ats_wsi.slides.engine import LowResBaseline, ViewStore, run_slides
+    from ats_wsi.slides.realistic_cohort import CLASSES
     from ats_wsi.slides.settings import TrainSettings
-    from ats_wsi.training import class_balanced_weights, seed_everything
+    from ats_wsi.slides.trainer import fit_slides
+    from ats_wsi.training import seed_everything
 
     settings = _settings(cfg)
     seed_everything(cfg["seed"] + 1)
@@ -462,22 +466,23 @@ def _lowres_task(cfg: dict[str, Any]) -> dict[str, Any]:
     optim = torch.optim.Adam(model.parameters(), lr=3e-3)
     train, test = _records(cfg, "train"), _records(cfg, "test")
     views = ViewStore(settings.loader(), depth=0, cache=True)
-    weights = class_balanced_weights([r.y for r in train], 2)
     t0 = time.perf_counter()
-    for epoch in range(cfg["epochs_lowres"]):
-        order = np.random.default_rng([cfg["seed"], epoch]).permutation(len(train))
-        run_slides(
-            model,
-            [train[i] for i in order],
-            views,
-            settings,
-            kind="baseline",
-            optimizer=optim,
-            step=TrainSettings(entropy_lambda=0.0, accumulate=1, clip_norm=1.0),
-            class_weights=weights,
-            amp=False,
-            epoch=epoch,
-        )
+    fit_slides(
+        "lowres",
+        model,
+        optim,
+        train,
+        [],
+        views,
+        settings,
+        TrainSettings(entropy_lambda=0.0, accumulate=1, clip_norm=1.0, progress=False),
+        None,
+        kind="baseline",
+        epochs=cfg["epochs_lowres"],
+        seed=cfg["seed"],
+        device=torch.device("cpu"),
+        extra={"classes": CLASSES},
+    )
     train_s = time.perf_counter() - t0
     # Inference from a cold start: view read + tissue mask + net, per slide.
     cold = ViewStore(settings.loader(), depth=0, cache=False)

@@ -119,20 +119,23 @@ def fit_slides(
     views: ViewStore,
     settings: SlideSettings,
     tcfg: TrainSettings,
-    out: Path,
+    out: Path | None,
     *,
     kind: str,
     epochs: int,
     seed: int,
     device: torch.device,
-    resume_run: bool,
     extra: dict[str, Any],
-    config: dict[str, Any],
+    resume_run: bool = False,
+    config: dict[str, Any] | None = None,
+    feature_cache: Any = None,
 ) -> list[dict[str, Any]]:
     """Train one model through :func:`ats_wsi.training.fit` with slide epoch steps (``tcfg``:
-    the optimisation; ``config``: the plain config its checkpoints store): each rank runs its
-    shard of the slides, metrics are gathered over ranks; ``{name}_last.pt`` and
-    ``{name}_best.pt`` (by ``tcfg.select_metric``)."""
+    the optimisation; ``config``: the plain config its checkpoints store; ``extra["classes"]``
+    the class names): each rank runs its shard of the slides, metrics are gathered over
+    ranks; ``{name}_last.pt`` and ``{name}_best.pt`` (by ``tcfg.select_metric``) in ``out``,
+    or nothing written when ``out`` is None (in memory: the benchmarks). ``feature_cache``
+    replaces the cache built from ``tcfg`` (a benchmark's pre-filled one)."""
     rank, world = dist_info()
     weights = None
     if tcfg.class_balanced:
@@ -141,7 +144,9 @@ def fit_slides(
     scaler = None
     if use_amp and not torch.cuda.is_bf16_supported():
         scaler = torch.amp.GradScaler("cuda")
-    cache = _feature_cache(model, _rank_cache_dir(tcfg, rank, world))
+    cache = feature_cache
+    if cache is None:
+        cache = _feature_cache(model, _rank_cache_dir(tcfg, rank, world))
 
     def train_step(epoch: int) -> dict[str, Any]:
         idx = shard(len(train_recs), rank, world, seed, epoch, shuffle=True, pad=True)
