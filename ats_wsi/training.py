@@ -390,6 +390,39 @@ class _RunFiles:
     def records(self) -> list[dict[str, Any]]:
         return self.memory if self.log is None else read_jsonl(self.log)
 
+    def save_last(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: Any,
+        epoch: int,
+        config: Mapping[str, Any] | None,
+        generators: Mapping[str, torch.Generator] | None,
+        info: dict[str, Any],
+    ) -> None:
+        if self.ckpt is not None:
+            save_checkpoint(
+                self.ckpt,
+                model=model,
+                optimizer=optimizer,
+                scheduler=scheduler,
+                epoch=epoch,
+                config=config,
+                generators=generators,
+                extra=info,
+            )
+
+    def save_best(
+        self,
+        model: nn.Module,
+        epoch: int,
+        config: Mapping[str, Any] | None,
+        info: dict[str, Any],
+        improved: bool,
+    ) -> None:
+        if self.best is not None and (improved or not self.best.exists()):
+            save_checkpoint(self.best, model=model, epoch=epoch, config=config, extra=info)
+
 
 def fit(
     model: nn.Module,
@@ -484,22 +517,11 @@ def fit(
             if improved:
                 best = record[select_metric]
             info = {**(extra or {}), "best": best, "select_metric": select_metric}
-            if checkpoint_now and files.ckpt is not None:
-                # Checkpoint before logging: a log line never refers to a state that was lost.
-                save_checkpoint(
-                    files.ckpt,
-                    model=core,
-                    optimizer=optimizer,
-                    scheduler=scheduler,
-                    epoch=epoch,
-                    config=config,
-                    generators=generators,
-                    extra=info,
-                )
-            if select_metric is not None and files.best is not None:
-                if improved or not files.best.exists():
-                    save_checkpoint(files.best, model=core, epoch=epoch, config=config, extra=info)
+            # Checkpoint before logging: a log line never refers to a state that was lost.
+            if checkpoint_now:
+                files.save_last(core, optimizer, scheduler, epoch, config, generators, info)
             if select_metric is not None:
+                files.save_best(core, epoch, config, info, improved)
                 record["best"] = best
             files.append(record)
             if on_epoch_end is not None:

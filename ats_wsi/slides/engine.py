@@ -318,6 +318,22 @@ def _autocast(device: torch.device, amp: bool) -> contextlib.AbstractContextMana
     return contextlib.nullcontext()
 
 
+def _optimizer_step(
+    model: nn.Module, optimizer: torch.optim.Optimizer, scaler: Any, clip_norm: float | None
+) -> None:
+    """Clip (after unscaling, with a grad scaler), step, zero the gradients."""
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    if clip_norm:
+        nn.utils.clip_grad_norm_(model.parameters(), clip_norm)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
 _EVAL_STEP = TrainSettings(entropy_lambda=0.0, accumulate=1, clip_norm=None)
 
 
@@ -393,15 +409,8 @@ def run_slides(
                 if kind == "ats":
                     gen = slide_generator(seed, rec.slide_id, epoch, device)
                     out, _ = slide_forward(
-                        model,
-                        item,
-                        item.path,
-                        settings,
-                        device,
-                        n_patches=n_patches,
-                        sampler=sampler,
-                        generator=gen,
-                        feature_cache=feature_cache,
+                        model, item, item.path, settings, device, n_patches=n_patches,
+                        sampler=sampler, generator=gen, feature_cache=feature_cache,
                     )
                     logits, att = out.logits, out.probs
                     if step.distill_lambda and train:
@@ -423,16 +432,7 @@ def run_slides(
                 scaled = loss / step.accumulate
                 (scaler.scale(scaled) if scaler is not None else scaled).backward()
         if train and last_of_step:
-            if scaler is not None:
-                scaler.unscale_(optimizer)
-            if step.clip_norm:
-                nn.utils.clip_grad_norm_(model.parameters(), step.clip_norm)
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            _optimizer_step(model, optimizer, scaler, step.clip_norm)
         ys.append(rec.y)
         probs.append(torch.softmax(logits.detach(), 1)[0].cpu().numpy())
         losses.append(float(ce.detach()))

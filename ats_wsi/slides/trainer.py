@@ -389,31 +389,9 @@ def train(
             config=plain,
         )
         results["ats_history_epochs"] = len(history)
-        bcfg = cfg.baseline
-        if bcfg.enabled:
-            seed_everything(cfg.seed + 1)
-            base = LowResBaseline(cfg.model.in_channels, bcfg.width, len(classes)).to(
-                device
-            )
-            boptim = torch.optim.Adam(base.parameters(), lr=bcfg.lr)
-            fit_slides(
-                "baseline",
-                _ddp(base, device, world),
-                boptim,
-                train_recs,
-                val_recs,
-                views,
-                settings,
-                tcfg,
-                out,
-                kind="baseline",
-                epochs=bcfg.epochs or tcfg.epochs,
-                seed=cfg.seed,
-                device=device,
-                resume_run=resume_run,
-                extra={**extra, "baseline_width": bcfg.width},
-                config=plain,
-            )
+        if cfg.baseline.enabled:
+            run = (train_recs, val_recs, views, settings, out)
+            _train_baseline(cfg, run, device, world, resume_run, extra, plain)
         if rank == 0 and len(test_df) and cfg.predict.enabled:
             results.update(_evaluate_test(cfg, out, test_df, classes, settings, views, device))
     finally:
@@ -426,6 +404,41 @@ def train(
     if world > 1:
         dist.barrier()
     return results
+
+
+def _train_baseline(
+    cfg: TrainConfig,
+    run: tuple[Sequence[SlideRecord], Sequence[SlideRecord], ViewStore, SlideSettings, Path],
+    device: torch.device,
+    world: int,
+    resume_run: bool,
+    extra: dict[str, Any],
+    plain: dict[str, Any],
+) -> None:
+    """The low-res-only baseline through the same slide fit (``run``: train and val records,
+    views, slide settings, output folder)."""
+    train_recs, val_recs, views, settings, out = run
+    bcfg = cfg.baseline
+    seed_everything(cfg.seed + 1)
+    base = LowResBaseline(cfg.model.in_channels, bcfg.width, len(extra["classes"])).to(device)
+    fit_slides(
+        "baseline",
+        _ddp(base, device, world),
+        torch.optim.Adam(base.parameters(), lr=bcfg.lr),
+        train_recs,
+        val_recs,
+        views,
+        settings,
+        cfg.train,
+        out,
+        kind="baseline",
+        epochs=bcfg.epochs or cfg.train.epochs,
+        seed=cfg.seed,
+        device=device,
+        resume_run=resume_run,
+        extra={**extra, "baseline_width": bcfg.width},
+        config=plain,
+    )
 
 
 def _ddp(model: nn.Module, device: torch.device, world: int) -> nn.Module:
