@@ -17,6 +17,7 @@ import os
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -68,7 +69,9 @@ def init_distributed(device: torch.device) -> tuple[int, int]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend)
+        # Other ranks wait at a barrier while rank 0 builds the demo cohort or predicts the
+        # test split, which can outlast the 30 min default on a large split.
+        dist.init_process_group(backend, timeout=timedelta(hours=6))
     return dist_info()
 
 
