@@ -86,25 +86,10 @@ def write_pyramidal_tiff(
 
     if tile % 16:
         raise ValueError(f"tile must be a multiple of 16, got {tile}")
-    if callable(image):
-        if shape is None:
-            raise ValueError("shape=(H, W) is required when image is a function")
-        height, width = int(shape[0]), int(shape[1])
-        read0: TileFn = image
-    else:
-        height, width = int(image.shape[0]), int(image.shape[1])
-
-        def read0(y: int, x: int, h: int, w: int) -> np.ndarray:
-            return np.asarray(image[y : y + h, x : x + w])[..., :3]
-
+    height, width, read0 = _level0_reader(image, shape)
     n_levels = levels if levels is not None else _default_levels(height, width, tile)
     n_levels = max(1, min(n_levels, 1 + int(math.log2(min(height, width)))))
-    if mpp is None:
-        mpp_xy = None
-    elif np.isscalar(mpp):
-        mpp_xy = (float(mpp), float(mpp))
-    else:
-        mpp_xy = (float(mpp[0]), float(mpp[1]))
+    mpp_xy = _mpp_xy(mpp)
     path = Path(path)
     with (
         tempfile.TemporaryDirectory(dir=path.parent, prefix=".pyramid-") as tmp,
@@ -121,16 +106,6 @@ def write_pyramidal_tiff(
                     dtype=np.uint8,
                     shape=(h // 2, w // 2, 3),
                 )
-            kwargs: dict[str, Any] = {}
-            if mpp_xy is not None:
-                # TIFF resolution is pixels per unit; 1 cm = 1e4 um.
-                ds = 2**level
-                kwargs = {
-                    "resolution": (1e4 / (mpp_xy[0] * ds), 1e4 / (mpp_xy[1] * ds)),
-                    "resolutionunit": "CENTIMETER",
-                }
-            else:
-                kwargs = {"resolutionunit": "NONE"}
             tif.write(
                 _tiles(read, h, w, tile, nxt),
                 shape=(h, w, 3),
@@ -140,7 +115,7 @@ def write_pyramidal_tiff(
                 compression=compression,
                 subfiletype=1 if level else 0,
                 metadata=None,
-                **kwargs,
+                **_resolution_tags(mpp_xy, level),
             )
             if nxt is not None:
                 nxt.flush()
@@ -151,6 +126,42 @@ def write_pyramidal_tiff(
 
             del nxt
     return path
+
+
+def _level0_reader(
+    image: np.ndarray | Any | TileFn, shape: tuple[int, int] | None
+) -> tuple[int, int, TileFn]:
+    """Level 0's (height, width) and a :data:`TileFn` reading it from ``image``."""
+    if callable(image):
+        if shape is None:
+            raise ValueError("shape=(H, W) is required when image is a function")
+        return int(shape[0]), int(shape[1]), image
+
+    def read0(y: int, x: int, h: int, w: int) -> np.ndarray:
+        return np.asarray(image[y : y + h, x : x + w])[..., :3]
+
+    return int(image.shape[0]), int(image.shape[1]), read0
+
+
+def _mpp_xy(mpp: float | tuple[float, float] | None) -> tuple[float, float] | None:
+    """``mpp`` as an (x, y) pair of floats (None stays None)."""
+    if mpp is None:
+        return None
+    if np.isscalar(mpp):
+        return (float(mpp), float(mpp))
+    return (float(mpp[0]), float(mpp[1]))
+
+
+def _resolution_tags(mpp_xy: tuple[float, float] | None, level: int) -> dict[str, Any]:
+    """tifffile's resolution arguments for ``level`` (no unit without an mpp)."""
+    if mpp_xy is None:
+        return {"resolutionunit": "NONE"}
+    # TIFF resolution is pixels per unit; 1 cm = 1e4 um.
+    ds = 2**level
+    return {
+        "resolution": (1e4 / (mpp_xy[0] * ds), 1e4 / (mpp_xy[1] * ds)),
+        "resolutionunit": "CENTIMETER",
+    }
 
 
 def _tiles(

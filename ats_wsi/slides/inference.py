@@ -247,55 +247,11 @@ def write_prediction(
     rf = int(getattr(pred.model, "receptive_field", 0))
     edges = cell_edges(res.attention.shape, res.thumbnail.shape[:2], res.dimensions, rf)
     if options.heatmaps:
-        if reader is not None:
-            image = reader.thumbnail(display_mpp(res.dimensions, res.mpp))
-        else:  # no slide to read from: the attention view, enlarged
-            image = _enlarged(res.thumbnail)
-        p = res.probs
-        save_attention_heatmap(
-            out / "heatmaps" / f"{slide_id}.png",
-            image,
-            res.attention,
-            res.mask,
-            edges,
-            res.dimensions,
-            locations_xy=res.locations_xy,
-            patch_size=res.patch_size_level0,
-            title=f"{slide_id}: {pred.classes[y_hat]} (p={float(p.max()):.2f}), "
-            f"{len(res.locations_xy)} patches",
-        )
+        _save_heatmap(out / "heatmaps" / f"{slide_id}.png", res, pred, edges, slide_id, reader)
     if options.gallery:
-        from ats_wsi.viz import save_attention_figure
-
-        p = res.probs
-        save_attention_figure(
-            out / "gallery" / f"{slide_id}.png",
-            res.thumbnail.transpose(2, 0, 1),
-            res.attention,
-            res.locations_xy[:, ::-1],
-            res.patch_size_level0,
-            (res.dimensions[1], res.dimensions[0]),
-            patches=res.patches,
-            title=f"{slide_id}: {pred.classes[y_hat]} (p={float(p.max()):.2f})",
-        )
+        _save_gallery(out / "gallery" / f"{slide_id}.png", res, pred, slide_id)
     if options.zarr:
-        save_attention_zarr(
-            out / "zarr" / f"{slide_id}.zarr",
-            res.attention,
-            res.locations_xy,
-            res.scores,
-            res.probs,
-            patch_size=res.patch_size_level0,
-            attrs={
-                "slide_id": slide_id,
-                "attention_mpp": settings.attention_mpp,
-                "patch_mpp": settings.patch_mpp,
-                "level0_mpp": list(res.mpp),
-                "dimensions_wh": list(res.dimensions),
-                "classes": list(pred.classes),
-                "predictions": y_hat,
-            },
-        )
+        _save_zarr(out / "zarr" / f"{slide_id}.zarr", res, pred, slide_id)
     if options.geojson:
         save_geojson(
             out / "geojson" / f"{slide_id}.geojson",
@@ -307,21 +263,7 @@ def write_prediction(
             out / "geojson" / f"{slide_id}.attention.geojson", res.attention, res.mask, edges
         )
     if options.h5:
-        from ats_wsi.slides.interop import write_patch_h5
-
-        write_patch_h5(
-            out / "h5" / f"{slide_id}.h5",
-            res.locations_xy,
-            patch_size=settings.patch_size,
-            patch_size_level0=res.patch_size_level0,
-            level0_mpp=float(res.mpp[0]),
-            patch_mpp=settings.patch_mpp,
-            name=slide_id,
-            dimensions=res.dimensions,
-            features=res.features,
-            attention=res.scores,
-            layout=options.h5,  # type: ignore[arg-type] - checked by write_patch_h5
-        )
+        _save_h5(out / "h5" / f"{slide_id}.h5", res, settings, slide_id, options.h5)
     if options.overlay:
         save_attention_overlay(
             out / "overlay" / f"{slide_id}.ome.zarr",
@@ -332,6 +274,96 @@ def write_prediction(
             res.mpp,
         )
     return row
+
+
+def _save_heatmap(
+    path: Path,
+    res: SlideResult,
+    pred: Predictor,
+    edges: Any,
+    slide_id: str,
+    reader: SlideReader | None,
+) -> None:
+    """The attention heatmap over the slide's thumbnail (read from ``reader`` when open)."""
+    y_hat = int(res.probs.argmax())
+    if reader is not None:
+        image = reader.thumbnail(display_mpp(res.dimensions, res.mpp))
+    else:  # no slide to read from: the attention view, enlarged
+        image = _enlarged(res.thumbnail)
+    p = res.probs
+    save_attention_heatmap(
+        path,
+        image,
+        res.attention,
+        res.mask,
+        edges,
+        res.dimensions,
+        locations_xy=res.locations_xy,
+        patch_size=res.patch_size_level0,
+        title=f"{slide_id}: {pred.classes[y_hat]} (p={float(p.max()):.2f}), "
+        f"{len(res.locations_xy)} patches",
+    )
+
+
+def _save_gallery(path: Path, res: SlideResult, pred: Predictor, slide_id: str) -> None:
+    """The attention figure with the sampled patches."""
+    from ats_wsi.viz import save_attention_figure
+
+    y_hat = int(res.probs.argmax())
+    p = res.probs
+    save_attention_figure(
+        path,
+        res.thumbnail.transpose(2, 0, 1),
+        res.attention,
+        res.locations_xy[:, ::-1],
+        res.patch_size_level0,
+        (res.dimensions[1], res.dimensions[0]),
+        patches=res.patches,
+        title=f"{slide_id}: {pred.classes[y_hat]} (p={float(p.max()):.2f})",
+    )
+
+
+def _save_zarr(path: Path, res: SlideResult, pred: Predictor, slide_id: str) -> None:
+    """Attention map, sampled locations, scores and probabilities, with the slide's facts."""
+    settings = pred.settings
+    save_attention_zarr(
+        path,
+        res.attention,
+        res.locations_xy,
+        res.scores,
+        res.probs,
+        patch_size=res.patch_size_level0,
+        attrs={
+            "slide_id": slide_id,
+            "attention_mpp": settings.attention_mpp,
+            "patch_mpp": settings.patch_mpp,
+            "level0_mpp": list(res.mpp),
+            "dimensions_wh": list(res.dimensions),
+            "classes": list(pred.classes),
+            "predictions": int(res.probs.argmax()),
+        },
+    )
+
+
+def _save_h5(
+    path: Path, res: SlideResult, settings: SlideSettings, slide_id: str, layout: str
+) -> None:
+    """The sampled patches as a TRIDENT / CLAM patch h5 (``layout``: see write_patch_h5)."""
+    from ats_wsi.slides.interop import write_patch_h5
+
+    write_patch_h5(
+        path,
+        res.locations_xy,
+        patch_size=settings.patch_size,
+        patch_size_level0=res.patch_size_level0,
+        level0_mpp=float(res.mpp[0]),
+        patch_mpp=settings.patch_mpp,
+        name=slide_id,
+        dimensions=res.dimensions,
+        features=res.features,
+        attention=res.scores,
+        layout=layout,  # type: ignore[arg-type] - checked by write_patch_h5
+    )
 
 
 def _enlarged(image: np.ndarray, longest: int = HEATMAP_LONGEST_SIDE) -> np.ndarray:
@@ -432,6 +464,20 @@ def predict_many(
     finally:
         claims.release_all()
         bar.close()
+    return _write_summary(out, table, records, classes, options, checkpoint, predicted)
+
+
+def _write_summary(
+    out: Path,
+    table: PredictionsCSV,
+    records: Sequence[Mapping[str, Any]],
+    classes: Sequence[str],
+    options: PredictOptions,
+    checkpoint: str,
+    predicted: int,
+) -> dict[str, Any]:
+    """The run's summary over every row of ``records`` in the CSV (``predicted`` of them by
+    this job); writes ``metrics.json`` (when any row is labelled) and ``summary.html``."""
     table.has("")  # re-read: rows other jobs wrote count in the summary
     wanted = {str(r["slide_id"]) for r in records}
     rows = [r for sid, r in table.done.items() if sid in wanted]

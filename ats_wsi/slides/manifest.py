@@ -104,6 +104,25 @@ def read_manifest(
             number.
     """
     path = Path(path)
+    numbered = _read_rows(path)
+    header = _read_header(path, numbered, require_labels)
+    col = {name: i for i, name in enumerate(header)}
+    records: list[dict[str, str | int]] = []
+    seen: dict[str, int] = {}
+    for line, row in numbered[1:]:
+        records.append(_parse_row(path, line, row, col, seen, require_labels))
+    names = _assign_classes(path, records, classes)
+    search = [Path(slide_dir)] if slide_dir is not None else [path.parent, path.parent / "slides"]
+    _resolve_paths(path, records, search, extensions)
+    df = pd.DataFrame.from_records(records, columns=COLUMNS)
+    df["y"] = df["y"].astype(int)
+    df.attrs["classes"] = names
+    df.attrs["source"] = str(path)
+    return df
+
+
+def _read_rows(path: Path) -> list[tuple[int, list[str]]]:
+    """The CSV's non-blank rows with their 1-based line numbers."""
     if not path.is_file():
         raise ManifestError(path, "no such file")
     try:
@@ -115,6 +134,13 @@ def read_manifest(
     numbered = [(i + 1, r) for i, r in enumerate(rows) if any(c.strip() for c in r)]
     if not numbered:
         raise ManifestError(path, "the file is empty (expected a header: case_id,slide_id,label)")
+    return numbered
+
+
+def _read_header(
+    path: Path, numbered: list[tuple[int, list[str]]], require_labels: bool
+) -> list[str]:
+    """The validated header (required columns present, no duplicates, some slides after it)."""
     header = [c.strip() for c in numbered[0][1]]
     required = [c for c in REQUIRED_COLUMNS if require_labels or c != "label"]
     missing = [c for c in required if c not in header]
@@ -126,66 +152,79 @@ def read_manifest(
         raise ManifestError(path, f"duplicate column names in header: {header}", 1)
     if len(numbered) == 1:
         raise ManifestError(path, "the manifest has a header but no slides")
+    return header
 
-    col = {name: i for i, name in enumerate(header)}
-    records: list[dict[str, str | int]] = []
-    seen: dict[str, int] = {}
-    for line, row in numbered[1:]:
-        if len(row) != len(header):
-            raise ManifestError(path, f"{len(row)} fields, the header has {len(header)}", line)
 
-        def get(name: str, row: list[str] = row) -> str:
-            return row[col[name]].strip() if name in col else ""
+def _parse_row(
+    path: Path,
+    line: int,
+    row: list[str],
+    col: dict[str, int],
+    seen: dict[str, int],
+    require_labels: bool,
+) -> dict[str, str | int]:
+    """One validated slide record (``seen``: slide_id -> first line, updated here)."""
+    if len(row) != len(col):
+        raise ManifestError(path, f"{len(row)} fields, the header has {len(col)}", line)
 
-        slide_id, case_id = get("slide_id"), get("case_id")
-        if not slide_id:
-            raise ManifestError(path, "empty slide_id", line)
-        if not case_id:
-            raise ManifestError(path, f"empty case_id for slide {slide_id!r}", line)
-        if slide_id in seen:
-            raise ManifestError(
-                path, f"duplicate slide_id {slide_id!r} (first on line {seen[slide_id]})", line
-            )
-        seen[slide_id] = line
-        label = get("label")
-        if require_labels and not label:
-            raise ManifestError(path, f"empty label for slide {slide_id!r}", line)
-        split = get("split").lower()
-        if split and split not in SPLITS:
-            raise ManifestError(
-                path,
-                f"unknown split {split!r} for slide {slide_id!r}; expected one of "
-                f"{', '.join(SPLITS)}",
-                line,
-            )
-        resolution = {}
-        for name in ("mpp", "magnification"):
-            text = get(name)
-            value = math.nan
-            if text:
-                try:
-                    value = float(text)
-                except ValueError:
-                    value = math.nan
-                if not (math.isfinite(value) and value > 0):
-                    raise ManifestError(
-                        path,
-                        f"{name} {text!r} for slide {slide_id!r} is not a positive number",
-                        line,
-                    )
-            resolution[name] = value
-        records.append(
-            {
-                "line": line,
-                "case_id": case_id,
-                "slide_id": slide_id,
-                "label": label,
-                "path": get("path"),
-                "split": split,
-                **resolution,
-            }
+    def get(name: str) -> str:
+        return row[col[name]].strip() if name in col else ""
+
+    slide_id, case_id = get("slide_id"), get("case_id")
+    if not slide_id:
+        raise ManifestError(path, "empty slide_id", line)
+    if not case_id:
+        raise ManifestError(path, f"empty case_id for slide {slide_id!r}", line)
+    if slide_id in seen:
+        raise ManifestError(
+            path, f"duplicate slide_id {slide_id!r} (first on line {seen[slide_id]})", line
         )
+    seen[slide_id] = line
+    label = get("label")
+    if require_labels and not label:
+        raise ManifestError(path, f"empty label for slide {slide_id!r}", line)
+    split = get("split").lower()
+    if split and split not in SPLITS:
+        raise ManifestError(
+            path,
+            f"unknown split {split!r} for slide {slide_id!r}; expected one of "
+            f"{', '.join(SPLITS)}",
+            line,
+        )
+    resolution = {
+        name: _positive_number(path, line, name, get(name), slide_id)
+        for name in ("mpp", "magnification")
+    }
+    return {
+        "line": line,
+        "case_id": case_id,
+        "slide_id": slide_id,
+        "label": label,
+        "path": get("path"),
+        "split": split,
+        **resolution,
+    }
 
+
+def _positive_number(path: Path, line: int, name: str, text: str, slide_id: str) -> float:
+    """``text`` as a positive finite float; NaN when empty."""
+    if not text:
+        return math.nan
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise ManifestError(
+            path, f"{name} {text!r} for slide {slide_id!r} is not a positive number", line
+        )
+    return value
+
+
+def _assign_classes(
+    path: Path, records: list[dict[str, str | int]], classes: Sequence[str] | None
+) -> list[str]:
+    """Set each record's ``y`` (class index, -1 unlabelled); returns the class names."""
     labels = sorted({str(r["label"]) for r in records if r["label"]})
     names = list(classes) if classes is not None else labels
     index = {name: i for i, name in enumerate(names)}
@@ -198,8 +237,17 @@ def read_manifest(
                 int(r["line"]),
             )
         r["y"] = index[str(r["label"])] if r["label"] else -1
+    return names
 
-    search = [Path(slide_dir)] if slide_dir is not None else [path.parent, path.parent / "slides"]
+
+def _resolve_paths(
+    path: Path,
+    records: list[dict[str, str | int]],
+    search: list[Path],
+    extensions: Sequence[str] | None,
+) -> None:
+    """Make each record's ``path`` absolute (relative to the CSV), or find the slide file in
+    ``search`` ("" when there is none)."""
     for r in records:
         p = str(r["path"])
         if p:
@@ -210,11 +258,6 @@ def read_manifest(
                 (f for d in search if (f := find_slide(d, str(r["slide_id"]), extensions))), None
             )
             r["path"] = str(found) if found is not None else ""
-    df = pd.DataFrame.from_records(records, columns=COLUMNS)
-    df["y"] = df["y"].astype(int)
-    df.attrs["classes"] = names
-    df.attrs["source"] = str(path)
-    return df
 
 
 def slides_from_dir(
