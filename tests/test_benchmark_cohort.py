@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from ats_wsi.benchmarks import cohort as bc
+from ats_wsi.benchmarks import cohort_tasks as ct
 from ats_wsi.mil import GatedAttentionMIL, MeanPoolMIL, fit_mil, predict_mil
 
 
@@ -79,22 +80,22 @@ def test_tile_grid_cells_are_the_tiles() -> None:
         high_size=(768, 1280),
         attention_size=(3, 5),
         receptive_field=0,
-        patch_size=bc.TILE_PX,
+        patch_size=ct.TILE_PX,
     )
     tl = mapping.top_left(torch.arange(15)[None])[0]
     assert tl.tolist() == [[256 * (i // 5), 256 * (i % 5)] for i in range(15)]
 
 
 def test_attention_view_sets_the_tile_grid_and_the_feature_key() -> None:
-    assert bc._pool(16.0) == 8 and bc._pool(8.0) == 16  # a 128 um tile in view pixels
+    assert ct._pool(16.0) == 8 and ct._pool(8.0) == 16  # a 128 um tile in view pixels
     for bad in (5.0, 256.0):
         with pytest.raises(ValueError, match="must divide"):
-            bc._pool(bad)
+            ct._pool(bad)
     cfg = {"encoder": "efficientnet-lite0", "encoder_size": 112, "bf16": True, "min_tissue": 0.5}
-    keys = {m: bc._encoder_key({**cfg, "attention_mpp": m}) for m in (16.0, 8.0)}
+    keys = {m: ct._encoder_key({**cfg, "attention_mpp": m}) for m in (16.0, 8.0)}
     # The view's tissue mask decides the grid, so another view gets its own feature folder.
     assert keys[16.0] != keys[8.0]
-    assert keys[16.0] == bc._encoder_key({**cfg, "attention_mpp": 16.0})
+    assert keys[16.0] == ct._encoder_key({**cfg, "attention_mpp": 16.0})
 
 
 def test_feature_cache_serves_the_model_without_reads(tmp_path: Path) -> None:
@@ -109,23 +110,23 @@ def test_feature_cache_serves_the_model_without_reads(tmp_path: Path) -> None:
     if not slide.exists():
         pytest.skip("shared slide fixtures not found")
     cfg = {"encoder": "efficientnet-lite0", "encoder_size": 32}
-    encoder = bc._build_encoder(cfg)
+    encoder = ct._build_encoder(cfg)
     top_left = torch.tensor([[[0, 0], [256, 512]]])
-    with open_slide(slide) as reader, SlidePatchSource(reader, bc.TILE_PX, bc.PATCH_MPP) as src:
-        feats = bc._encode(encoder, src.extract(top_left)[0], bf16=False)
+    with open_slide(slide) as reader, SlidePatchSource(reader, ct.TILE_PX, ct.PATCH_MPP) as src:
+        feats = ct._encode(encoder, src.extract(top_left)[0], bf16=False)
         box = src.patch_size  # 257: this slide is at 0.499 um/px, not 0.5
         np.savez(tmp_path / "s.npz", features=feats.numpy(), top_left=top_left[0].numpy(), box=box)
     records = [{"slide_id": "s", "path": str(slide)}]
     cache = bc.feature_cache({"records": records, "feature_dir": str(tmp_path)}, encoder)
     model = build_model(
         ModelSettings(
-            attention_net="uniform_tiles", feature_net=bc._feature_spec(cfg), n_patches=2
+            attention_net="uniform_tiles", feature_net=ct._feature_spec(cfg), n_patches=2
         ),
         2,
-        bc.TILE_PX,
+        ct.TILE_PX,
     )
     assert model.feature_net.encoder_id == encoder.encoder_id  # built twice, same key
-    with open_slide(slide) as reader, SlidePatchSource(reader, bc.TILE_PX, bc.PATCH_MPP) as src:
+    with open_slide(slide) as reader, SlidePatchSource(reader, ct.TILE_PX, ct.PATCH_MPP) as src:
         got = model._cached_features(src, top_left, cache)
         assert src.reads == 0
     assert cache.misses == 0 and cache.hits == 2

@@ -43,18 +43,67 @@ def _current_rss_mb() -> float:
     return psutil.Process().memory_info().rss / 2**20
 
 
-def worker(cfg: dict[str, Any]) -> dict[str, Any]:
-    """Measure one (model, size) in this process; called in a fresh subprocess."""
-    import numpy as np
-    import torch
-
+def _build_model(conf: dict[str, Any], name: str) -> Any:
+    """ATS or one of the two baseline CNNs, as the Megapixel MNIST config sets them up."""
     from ats_wsi.baselines import BaselineCNN
-    from ats_wsi.benchmarking import PeakMemory
-    from ats_wsi.config import load_yaml_config
+    from ats_wsi.experiments.runner import build_ats
+
+    if name == "ats":
+        return build_ats(conf, in_channels=1, num_classes=10)
+    block = conf["baselines"]["full_res_cnn" if name == "cnn_full" else "low_res_cnn"]
+    # Only the architecture keys (the block also holds training settings).
+    accepted = inspect.signature(BaselineCNN).parameters
+    kw = {k: v for k, v in block.items() if k in accepted}
+    return BaselineCNN(in_channels=1, num_classes=10, **kw)
+
+
+def _dataset(conf: dict[str, Any], cfg: dict[str, Any]) -> Any:
+    """Uint8 canvases of ``cfg["size"]`` px holding only the views the model reads."""
+    import numpy as np
+
     from ats_wsi.datasets.megapixel_mnist import MegapixelMNIST
     from ats_wsi.datasets.mnist import DigitPool
+
+    # Timing does not depend on the digits: random strokes avoid loading a dataset.
+    rng = np.random.default_rng(cfg["seed"])
+    images = (rng.random((100, 28, 28)) < 0.2).astype(np.uint8) * 255
+    pool = DigitPool(images, np.arange(100) % 10, "random-strokes")
+    views = {"ats": "both", "cnn_full": "high", "cnn_low": "low"}[cfg["model"]]
+    return MegapixelMNIST(
+        pool,
+        cfg["batch"],
+        canvas_size=cfg["size"],
+        scale=conf["data"]["scale"],
+        high_dtype="uint8",
+        views=views,
+        seed=cfg["seed"],
+    )
+
+
+def _timed(fn: Any, repeats: int, device: Any) -> float:
+    """Median seconds of ``repeats`` calls of ``fn`` after one warm-up call."""
+    import torch
+
+    fn()  # warm-up: kernel selection, allocator, Adam state
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def worker(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Measure one (model, size) in this process; called in a fresh subprocess."""
+    import torch
+
+    from ats_wsi.benchmarking import PeakMemory
+    from ats_wsi.config import load_yaml_config
     from ats_wsi.experiments.megapixel_mnist import SCHEMA
-    from ats_wsi.experiments.runner import build_ats
     from ats_wsi.patches import TensorPatchSource
     from ats_wsi.training import StepOutput, compute_loss
 
@@ -64,32 +113,12 @@ def worker(cfg: dict[str, Any]) -> dict[str, Any]:
     conf = load_yaml_config(CONFIG, SCHEMA)  # the pipeline's own defaults fill the gaps
     torch.manual_seed(cfg["seed"])
     name, size, batch = cfg["model"], cfg["size"], cfg["batch"]
-    if name == "ats":
-        model = build_ats(conf, in_channels=1, num_classes=10)
-    else:
-        block = conf["baselines"]["full_res_cnn" if name == "cnn_full" else "low_res_cnn"]
-        # Only the architecture keys (the block also holds training settings).
-        accepted = inspect.signature(BaselineCNN).parameters
-        kw = {k: v for k, v in block.items() if k in accepted}
-        model = BaselineCNN(in_channels=1, num_classes=10, **kw)
+    model = _build_model(conf, name)
     model.to(device)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     entropy = float(conf["train"]["entropy_lambda"])
     gen = torch.Generator(device=device).manual_seed(cfg["seed"])
-    # Timing does not depend on the digits: random strokes avoid loading a dataset.
-    rng = np.random.default_rng(cfg["seed"])
-    images = (rng.random((100, 28, 28)) < 0.2).astype(np.uint8) * 255
-    pool = DigitPool(images, np.arange(100) % 10, "random-strokes")
-    views = {"ats": "both", "cnn_full": "high", "cnn_low": "low"}[name]
-    ds = MegapixelMNIST(
-        pool,
-        batch,
-        canvas_size=size,
-        scale=conf["data"]["scale"],
-        high_dtype="uint8",
-        views=views,
-        seed=cfg["seed"],
-    )
+    ds = _dataset(conf, cfg)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -121,19 +150,6 @@ def worker(cfg: dict[str, Any]) -> dict[str, Any]:
         loss.backward()
         opt.step()
 
-    def timed(fn: Any) -> float:
-        fn()  # warm-up: kernel selection, allocator, Adam state
-        times = []
-        for _ in range(cfg["repeats"]):
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            t0 = time.perf_counter()
-            fn()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            times.append(time.perf_counter() - t0)
-        return statistics.median(times)
-
     res: dict[str, Any] = {
         "model": name,
         "size": size,
@@ -141,10 +157,10 @@ def worker(cfg: dict[str, Any]) -> dict[str, Any]:
         "low_size": list(ds.low_size),
         "input_mb_per_sample": input_mb / batch,
     }
-    res["forward_ms_per_sample"] = timed(infer) * 1e3 / batch
+    res["forward_ms_per_sample"] = _timed(infer, cfg["repeats"], device) * 1e3 / batch
     res["forward_rss_mb_per_sample"] = (rss_peak_mb() - rss_before) / batch
     cuda_fwd = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-    res["train_ms_per_sample"] = timed(train_step) * 1e3 / batch
+    res["train_ms_per_sample"] = _timed(train_step, cfg["repeats"], device) * 1e3 / batch
     res["train_rss_mb_per_sample"] = (rss_peak_mb() - rss_before) / batch
     if device.type == "cuda":
         res["forward_cuda_mb_per_sample"] = cuda_fwd / 2**20 / batch

@@ -130,12 +130,63 @@ def _sequential(paths: list[str], load: Callable[[str], Any]) -> Iterator[tuple[
         yield p, load(p)
 
 
+def _timed_passes(
+    paths: list[str],
+    load: Callable[[str], Any],
+    step: Callable[[Any], None],
+    client: Any,
+    depth: int,
+    repeats: int,
+) -> dict[str, list[float]]:
+    """Seconds of each pass over ``paths``, sequential and prefetched alternating, with the
+    page cache dropped before every pass."""
+    from ats_wsi.io import Prefetcher
+
+    times: dict[str, list[float]] = {"sequential": [], "prefetch": []}
+    for _ in range(repeats):
+        for mode in times:
+            for p in paths:
+                drop_page_cache(p)
+            t = time.perf_counter()
+            if mode == "sequential":
+                items = _sequential(paths, load)
+            else:
+                items = iter(Prefetcher(paths, load, depth, client=client))
+            for _path, item in items:
+                if isinstance(item, Exception):
+                    raise item
+                step(item)
+            times[mode].append(time.perf_counter() - t)
+    return times
+
+
+def _print_table(
+    rows: list[dict[str, Any]], n_slides: int, threads: int, args: argparse.Namespace
+) -> None:
+    """The summary line and one row per (loop, latency)."""
+    print(
+        f"\nprefetch: {n_slides} slides of {args.size}^2 px, view at {args.low_mpp} um/px "
+        f"+ tissue mask, N={args.patches} patches of {args.patch_px} px, depth {args.depth}, "
+        f"torch threads {threads}, device {args.device}; page cache dropped before every "
+        f"pass; median of {args.repeats} alternating passes"
+    )
+    print(
+        f"{'loop':<10} {'latency ms':>10} {'seq slides/s':>13} {'prefetch slides/s':>18} "
+        f"{'speed-up':>9}"
+    )
+    for r in rows:
+        print(
+            f"{r['loop']:<10} {r['latency_ms']:>10.0f} {r['sequential_slides_per_s']:>13.2f} "
+            f"{r['prefetch_slides_per_s']:>18.2f} {r['speedup']:>8.2f}x"
+        )
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Alternate sequential and prefetched passes over the slides; report slides per second."""
     import torch
     from distributed import Client
 
-    from ats_wsi.io import LowResLoader, Prefetcher
+    from ats_wsi.io import LowResLoader
 
     if args.quick:
         args.slides, args.size, args.low_mpp, args.patches = 2, 2048, 8.0, 2
@@ -158,21 +209,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             step(base_loader(paths[0]))  # warm-up: kernels, thread pools, lazy imports
             for latency in args.latency_ms:
                 load = DelayedLoader(base_loader, latency / 1e3)
-                times: dict[str, list[float]] = {"sequential": [], "prefetch": []}
-                for _ in range(args.repeats):
-                    for mode in times:
-                        for p in paths:
-                            drop_page_cache(p)
-                        t = time.perf_counter()
-                        if mode == "sequential":
-                            items = _sequential(paths, load)
-                        else:
-                            items = iter(Prefetcher(paths, load, args.depth, client=client))
-                        for _path, item in items:
-                            if isinstance(item, Exception):
-                                raise item
-                            step(item)
-                        times[mode].append(time.perf_counter() - t)
+                times = _timed_passes(paths, load, step, client, args.depth, args.repeats)
                 seq, pre = (statistics.median(times[m]) for m in ("sequential", "prefetch"))
                 rows.append(
                     {
@@ -193,21 +230,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 )
     finally:
         client.close()
-    print(
-        f"\nprefetch: {len(paths)} slides of {args.size}^2 px, view at {args.low_mpp} um/px "
-        f"+ tissue mask, N={args.patches} patches of {args.patch_px} px, depth {args.depth}, "
-        f"torch threads {threads}, device {args.device}; page cache dropped before every "
-        f"pass; median of {args.repeats} alternating passes"
-    )
-    print(
-        f"{'loop':<10} {'latency ms':>10} {'seq slides/s':>13} {'prefetch slides/s':>18} "
-        f"{'speed-up':>9}"
-    )
-    for r in rows:
-        print(
-            f"{r['loop']:<10} {r['latency_ms']:>10.0f} {r['sequential_slides_per_s']:>13.2f} "
-            f"{r['prefetch_slides_per_s']:>18.2f} {r['speedup']:>8.2f}x"
-        )
+    _print_table(rows, len(paths), threads, args)
     return {
         "config": {
             "slides": len(paths),
