@@ -16,6 +16,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, Protocol, runtime_checkable
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = [
@@ -62,6 +64,22 @@ class PatchEncoder(Protocol):
     def load_checkpoint_state(self, state: Mapping[str, Any]) -> None: ...
 
     def trainable_parameters(self) -> list[nn.Parameter]: ...
+
+
+def prepare_input(
+    x: Tensor, size: int | None, mean: Tensor, std: Tensor, who: str = "encoder"
+) -> Tensor:
+    """What an encoder does with its [0, 1] (or uint8) RGB patches: resize to ``size``
+    (bilinear, antialiased; None keeps the size) and normalise with ``mean`` / ``std``."""
+    if x.dtype == torch.uint8:
+        x = x.float() / 255.0
+    if x.dim() != 4 or x.shape[1] != 3:
+        raise ValueError(f"{who} takes (M, 3, p, p) RGB patches, got {tuple(x.shape)}")
+    if size is not None and tuple(x.shape[-2:]) != (size, size):
+        x = F.interpolate(
+            x, size=(size, size), mode="bilinear", align_corners=False, antialias=True
+        )
+    return (x - mean.to(x.dtype)) / std.to(x.dtype)
 
 
 def encoder_modules(model: nn.Module) -> dict[str, Any]:

@@ -41,7 +41,7 @@ from ats_wsi.encoders.presets import (
     PRESETS,
     EncoderPreset,
 )
-from ats_wsi.encoders.protocol import ENCODER_STATE_FORMAT
+from ats_wsi.encoders.protocol import ENCODER_STATE_FORMAT, prepare_input
 from ats_wsi.encoders.timm_models import create_timm_model, model_blocks
 from ats_wsi.encoders.weights import (
     EncoderHashMismatchError,
@@ -229,14 +229,7 @@ class TimmEncoder(nn.Module):
     # -- forward
     def preprocess(self, x: Tensor) -> Tensor:
         """[0, 1] (or uint8) patches -> resized, normalised encoder input."""
-        if x.dtype == torch.uint8:
-            x = x.float() / 255.0
-        if x.dim() != 4 or x.shape[1] != 3:
-            raise ValueError(f"TimmEncoder takes (M, 3, p, p) RGB patches, got {tuple(x.shape)}")
-        s = self.input_size
-        if s is not None and tuple(x.shape[-2:]) != (s, s):
-            x = F.interpolate(x, size=(s, s), mode="bilinear", align_corners=False, antialias=True)
-        return (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
+        return prepare_input(x, self.input_size, self.mean, self.std, "TimmEncoder")
 
     def embed(self, x: Tensor) -> Tensor:
         """Pooled, un-normalised features of preprocessed input."""

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ats_wsi.encoders.presets import IMAGENET_MEAN, IMAGENET_STD
-from ats_wsi.encoders.protocol import ENCODER_STATE_FORMAT
+from ats_wsi.encoders.protocol import ENCODER_STATE_FORMAT, prepare_input
 from ats_wsi.encoders.weights import (
     EncoderWeightsError,
     EncoderWeightsMissingError,
@@ -116,14 +116,7 @@ class TorchvisionResNetEncoder(nn.Module):
 
     def preprocess(self, x: Tensor) -> Tensor:
         """[0, 1] (or uint8) patches -> resized, ImageNet-normalised network input."""
-        if x.dtype == torch.uint8:
-            x = x.float() / 255.0
-        if x.dim() != 4 or x.shape[1] != 3:
-            raise ValueError(f"torchvision_resnet takes (M, 3, p, p) RGB, got {tuple(x.shape)}")
-        s = self.input_size
-        if tuple(x.shape[-2:]) != (s, s):
-            x = F.interpolate(x, size=(s, s), mode="bilinear", align_corners=False, antialias=True)
-        return (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
+        return prepare_input(x, self.input_size, self.mean, self.std, "torchvision_resnet")
 
     def embed(self, x: Tensor) -> Tensor:
         """Pooled, un-normalised features of preprocessed input (torchvision's with fc=Identity)."""
