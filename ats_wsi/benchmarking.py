@@ -30,6 +30,7 @@ __all__ = [
     "describe_machine",
     "measure_step_cost",
     "rss_peak_mb",
+    "step_fn",
     "time_call",
     "time_interleaved",
     "write_json",
@@ -234,6 +235,32 @@ class _StorageCounter(TorchDispatchMode):
         return out
 
 
+def step_fn(
+    model: nn.Module,
+    batch: Any,
+    *,
+    forward: ForwardFn,
+    device: torch.device | str = "cpu",
+    train: bool = True,
+    entropy_lambda: float = 0.0,
+) -> Callable[[], None]:
+    """One step to time: forward, plus loss and backward when ``train``; parameters are never
+    updated (gradients are dropped). Sets the model's train / eval mode on every call, so
+    training and inference steps of one model can be timed side by side."""
+    device = torch.device(device)
+
+    def step() -> None:
+        model.train(train)
+        with torch.set_grad_enabled(train):
+            out = forward(model, batch, device)
+            if train:
+                loss, _ = compute_loss(out, entropy_lambda)
+                loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    return step
+
+
 def measure_step_cost(
     model: nn.Module,
     batch: Any,
@@ -255,15 +282,7 @@ def measure_step_cost(
     n = len(batch[-1])
     if input_bytes is None:
         input_bytes = sum(t.numel() * t.element_size() for t in batch if isinstance(t, Tensor))
-
-    def step() -> None:
-        with torch.set_grad_enabled(train):
-            out = forward(model, batch, device)
-            if train:
-                loss, _ = compute_loss(out)
-                loss.backward()
-        model.zero_grad(set_to_none=True)
-
+    step = step_fn(model, batch, forward=forward, device=device, train=train)
     # One warm-up call (allocator, cuDNN autotuning), then the median of ``repeats``.
     timing = time_call(step, repeats=repeats, warmup=1, device=device)
     with PeakMemory(device) as mem:

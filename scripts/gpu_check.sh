@@ -12,7 +12,8 @@
 #                   travel to the device machine: copy the files into .gpu_data/mnist and carry
 #                   .gpu_data)
 #   RESUME_FROM=... a run.tar.gz (or run folder) of an earlier call: continue from its checkpoints
-#   CONFIG=...      default configs/megapixel_mnist_gpu.yaml
+#   CONFIG=...      default configs/megapixel_mnist_gpu.yaml (accel.device_data: true selects the
+#                   GPU protocol of python -m pipelines.megapixel_mnist)
 #   DEVICE=...      default cuda (cpu works, for a dry run with a tiny CONFIG)
 #   RUN_TIMEOUT=... seconds for the training run (default 480); BENCH=0 skips the benchmarks
 set -uo pipefail
@@ -52,7 +53,7 @@ fi
 
 # 1. The prepared run (its own time budgets end it; the timeout is a safety net).
 t0=$(date +%s)
-timeout "$RUN_TIMEOUT" "$PY" -m ats_wsi.experiments.megapixel_mnist_gpu --config "$CONFIG" \
+timeout "$RUN_TIMEOUT" "$PY" -m pipelines.megapixel_mnist --config "$CONFIG" \
   --mnist-dir "$MNIST_DIR" --out "$RUN_DIR" --device "$DEVICE" --no-progress "${resume[@]}"
 echo "run: exit $? after $(( $(date +%s) - t0 )) s"
 [ -f "$RUN_DIR/results.json" ] && cp "$RUN_DIR/results.json" "$OUT/"

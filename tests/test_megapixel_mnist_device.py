@@ -1,5 +1,6 @@
 """Device-side Megapixel MNIST: same placements -> the same pixels as the CPU generator;
-the fast training path built on it (ats_wsi.experiments.megapixel_mnist_gpu) on CPU.
+the fast training path built on it (the ``accel.device_data`` option of
+ats_wsi.experiments.megapixel_mnist, pieces in ats_wsi.experiments.device_protocol) on CPU.
 
 Run on CPU: every comparison is exact (``torch.equal``), since the device renderer uses the
 CPU generator's own resized pieces and the same float32 arithmetic.
@@ -16,6 +17,7 @@ import pytest
 import torch
 
 from ats_wsi.baselines import BaselineCNN
+from ats_wsi.config import ConfigError
 from ats_wsi.datasets.megapixel_mnist import MegapixelMNIST
 from ats_wsi.datasets.megapixel_mnist_device import (
     DeviceLoader,
@@ -23,8 +25,8 @@ from ats_wsi.datasets.megapixel_mnist_device import (
     PlacementPatchSource,
 )
 from ats_wsi.datasets.mnist import DigitPool
-from ats_wsi.experiments import megapixel_mnist_gpu as gpu
-from ats_wsi.experiments.megapixel_mnist_gpu import FullImageFeatureNet, accelerate_, count_macs
+from ats_wsi.experiments import megapixel_mnist as experiment
+from ats_wsi.experiments.device_protocol import FullImageFeatureNet, accelerate_, count_macs
 from ats_wsi.model import ATSModel
 from ats_wsi.nets import build_feature_net
 from ats_wsi.patches import PatchSource, TensorPatchSource
@@ -217,7 +219,7 @@ accel:
 def _tiny(tmp_path: Path, text: str = TINY) -> dict:
     path = tmp_path / "tiny.yaml"
     path.write_text(text)
-    return gpu.load_config(str(path))
+    return experiment.load_config(str(path))
 
 
 def test_accelerate_is_a_noop_on_cpu_and_bf16_when_forced() -> None:
@@ -264,7 +266,7 @@ def fast_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path, dict
     try:
         tmp = tmp_path_factory.mktemp("fast")
         cfg = _tiny(tmp)
-        return cfg, tmp / "run", gpu.run(cfg, tmp / "run", progress=False)
+        return cfg, tmp / "run", experiment.run(cfg, tmp / "run", progress=False)
     finally:
         torch.set_num_threads(before)
 
@@ -304,7 +306,7 @@ def test_fast_run_resumes(
     cfg = json.loads(json.dumps(cfg))
     cfg["train"]["epochs"] = 3
     cfg["baselines"]["low_res_cnn"]["epochs"] = 1  # already done: nothing to train
-    res = gpu.run(cfg, copy, resume_run=True, progress=False)
+    res = experiment.run(cfg, copy, resume_run=True, progress=False)
     log = _ats_log(copy)
     assert log[:2] == first and [r["epoch"] for r in log] == [1, 2, 3]
     assert res["models"]["ats"]["epochs_completed"] == 3
@@ -318,9 +320,31 @@ def test_fast_run_is_deterministic_on_cpu(
     cfg["baselines"]["low_res_cnn"]["enabled"] = False  # ATS trains first: same log without
     cfg["baselines"]["full_res_cnn"]["enabled"] = False
     cfg["accel"]["cost_sizes"], cfg["accel"]["cost_batch_sizes"] = [100], [1]
-    gpu.run(cfg, tmp_path / "again", progress=False)
+    experiment.run(cfg, tmp_path / "again", progress=False)
     again = _ats_log(tmp_path / "again")
     assert again == _ats_log(out) and again[0]["train_loss"] > 0
+
+
+def test_costs_only_on_the_experiment_cli(tmp_path: Path, one_thread: None) -> None:
+    from pipelines import megapixel_mnist as pipe
+
+    config = tmp_path / "tiny.yaml"
+    config.write_text(TINY)
+    out = tmp_path / "costs"
+    args = ["--config", str(config), "--out", str(out), "--device", "cpu", "--costs-only"]
+    assert pipe.main([*args, "--sizes", "100", "--batch", "1", "--repeats", "1"]) == 0
+    rows = json.loads((out / "step_costs.json").read_text())["rows"]
+    assert [(r["model"], r["canvas"], r["batch"]) for r in rows] == [
+        (m, 100, 1) for m in ("ats", "full_image_features", "full_res_cnn", "low_res_cnn")
+    ]
+    assert not (out / "results.json").exists()  # nothing trained
+
+
+def test_accel_settings_need_device_data(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="accel.amp' needs 'accel.device_data: true'"):
+        _tiny(tmp_path, TINY.replace("  device_data: true\n", "  device_data: false\n"))
+    cfg = _tiny(tmp_path, TINY.split("accel:")[0])  # no accel block: the DataLoader path
+    assert cfg["accel"]["device_data"] is False
 
 
 @pytest.mark.slow

@@ -53,7 +53,11 @@ def test_pipeline_end_to_end_and_resume(tmp_path: Path) -> None:
     assert all((out / f).stat().st_size > 1000 for f in res["models"]["ats"]["figures"])
     assert _epochs(out / "ats_metrics.jsonl") == [1, 2]
 
-    # --resume with more epochs continues every model from its checkpoint.
+    # --resume with more epochs continues every model from its checkpoint; a folder written
+    # before the accel block existed resumes as one with it off.
+    saved = json.loads((out / "config.json").read_text())
+    assert saved.pop("accel")["device_data"] is False
+    (out / "config.json").write_text(json.dumps(saved))
     more = dict(TINY, train={**TINY["train"], "epochs": 3})
     _write(cfg_path, more)
     assert (
@@ -92,7 +96,13 @@ def test_config_errors_name_file_and_key(tmp_path: Path, capsys, patch: dict, me
 
 
 @pytest.mark.parametrize(
-    "name", ["megapixel_mnist.yaml", "megapixel_mnist_small.yaml", "megapixel_mnist_cpu.yaml"]
+    "name",
+    [
+        "megapixel_mnist.yaml",
+        "megapixel_mnist_small.yaml",
+        "megapixel_mnist_cpu.yaml",
+        "megapixel_mnist_gpu.yaml",
+    ],
 )
 def test_shipped_configs_validate(name: str) -> None:
     cfg = experiment.load_config(str(ROOT / "configs" / name))
@@ -103,6 +113,8 @@ def test_shipped_configs_validate(name: str) -> None:
         assert (m["n_patches"], m["patch_size"], m["sampler"]) == (10, 50, "without_replacement")
         assert (t["lr"], t["clip_norm"], t["batch_size"], t["epochs"]) == (1e-3, 1.0, 128, 500)
         assert (t["entropy_lambda"], m["smoothing"]) == (1e-4, 1e-5)
+    # Only the GPU protocol's config renders on the device.
+    assert cfg["accel"]["device_data"] is (name == "megapixel_mnist_gpu.yaml")
 
 
 MNIST_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mnist"

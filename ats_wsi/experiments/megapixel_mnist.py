@@ -5,12 +5,17 @@ per model, ``figures/*.png`` (attention on a few test images) and ``results.json
 time and peak memory per sample for every model, data source, noise order, machine); with
 ``resume_run`` every model continues from its checkpoint. ``python -m pipelines.megapixel_mnist``
 is its command line.
+
+With ``accel.device_data`` the run follows the GPU protocol
+(:mod:`ats_wsi.experiments.device_protocol`): batches rendered on the device, the ``accel``
+speed settings, the side-by-side step costs and a test-error figure.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Mapping
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -18,30 +23,25 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from ats_wsi.config import REQUIRED
+from ats_wsi.config import REQUIRED, validate
 from ats_wsi.datasets.megapixel_mnist import MegapixelMNIST
+from ats_wsi.datasets.megapixel_mnist_device import DeviceMegapixelMNIST
 from ats_wsi.datasets.mnist import load_digit_pools
+from ats_wsi.experiments import device_protocol as dp
 from ats_wsi.experiments.runner import (
+    ExperimentRun,
     baseline_schema,
     build_ats,
     build_baseline,
-    finish_run,
+    enabled_baselines,
+    eval_sampler_kwargs,
     first_batch,
     load_checked_config,
-    new_results,
-    start_run,
-    train_model,
+    run_generators,
     write_attention_figures,
 )
 from ats_wsi.model import ATSModel
-from ats_wsi.training import (
-    ForwardFn,
-    StepOutput,
-    ats_forward,
-    param_groups,
-    seed_everything,
-    to_device_float,
-)
+from ats_wsi.training import ForwardFn, StepOutput, ats_forward, to_device_float
 
 __all__ = [
     "CHOICES",
@@ -110,6 +110,7 @@ SCHEMA: dict[str, Any] = {
         "cost_batch_size": ((int,), 8),
         "cost_repeats": ((int,), 3),
     },
+    "accel": dp.ACCEL_SCHEMA,  # the GPU protocol (device_protocol); off by default
 }
 
 
@@ -130,12 +131,13 @@ CHOICES: dict[tuple[str, ...], tuple[Any, ...]] = {
     ("model", "eval_sampler"): (None, "with_replacement", "without_replacement", "topk"),
     ("baselines", "low_res_cnn", "pool"): ("avg", "max"),
     ("baselines", "full_res_cnn", "pool"): ("avg", "max"),
+    **dp.ACCEL_CHOICES,
 }
 
 
 def load_config(path: str) -> dict[str, Any]:
     """The checked config at ``path`` (raises :class:`~ats_wsi.config.ConfigError`)."""
-    return load_checked_config(path, SCHEMA, CHOICES)
+    return load_checked_config(path, SCHEMA, CHOICES, dp.check_accel)
 
 
 def build_datasets(cfg: Mapping[str, Any], views: str = "both") -> tuple[MegapixelMNIST, ...]:
@@ -183,6 +185,9 @@ def save_figures(
     )
 
 
+_VIEWS = {"low_res_cnn": 0, "full_res_cnn": 1}  # batch element each CNN baseline reads
+
+
 def run(
     cfg: dict[str, Any],
     out_dir: Path,
@@ -191,88 +196,155 @@ def run(
     resume_run: bool = False,
     progress: bool | None = None,
 ) -> dict[str, Any]:
-    """Train and evaluate ATS and the enabled baselines; write and return ``results.json``."""
-    t_run = time.perf_counter()
-    device = start_run(cfg, out_dir, resume_run)
+    """Train and evaluate ATS and the enabled baselines; write and return ``results.json``.
+
+    With ``accel.device_data`` (the GPU protocol) ``results.json`` adds ``accel`` (settings
+    in effect), ``step_costs`` (:func:`~ats_wsi.experiments.device_protocol.
+    compare_step_costs` rows, also each model's ``cost``), samples/s per model and
+    ``figures/test_error.png``.
+    """
+    # Runs written before the accel block existed resume as runs with it off.
+    added = {"accel": validate({}, dp.ACCEL_SCHEMA)}
+    exp = ExperimentRun(cfg, out_dir, resume_run=resume_run, progress=progress, added=added)
     train_ds, test_ds = build_datasets(cfg)
-    num_classes = 10
-    t = cfg["train"]
-    results = new_results(
+    if cfg["accel"]["device_data"]:
+        _train_on_device(exp, train_ds, test_ds, config_path)
+    else:
+        _train_from_loaders(exp, train_ds, test_ds, config_path)
+    return exp.finish()
+
+
+def _data_info(train_ds: MegapixelMNIST) -> dict[str, Any]:
+    return {
+        "noise_order": train_ds.noise_order,
+        "canvas_size": list(train_ds.canvas_size),
+        "low_size": list(train_ds.low_size),
+    }
+
+
+def _train_from_loaders(
+    exp: ExperimentRun, train_ds: MegapixelMNIST, test_ds: MegapixelMNIST, config_path: str
+) -> None:
+    """The models on DataLoaders of the lazily generated images, cost measured per model."""
+    cfg, device = exp.cfg, exp.device
+    cost_batch = first_batch(test_ds, cfg["report"]["cost_batch_size"])
+    exp.begin(
         "megapixel_mnist",
         config_path,
-        cfg,
-        device,
         train_ds,
         test_ds,
-        noise_order=train_ds.noise_order,
-        canvas_size=list(train_ds.canvas_size),
-        low_size=list(train_ds.low_size),
+        cost_batch=cost_batch,
+        **_data_info(train_ds),
     )
-    shared = dict(  # arguments of every train_model call
-        cfg=cfg,
-        out_dir=out_dir,
-        device=device,
-        cost_batch=first_batch(test_ds, cfg["report"]["cost_batch_size"]),
-        resume_run=resume_run,
-        progress=progress,
-    )
+    gens = run_generators(cfg, device, sampling=True)
+    eval_kwargs = eval_sampler_kwargs(cfg)
 
-    # ---- ATS
-    seed_everything(cfg["seed"])
-    model = build_ats(cfg, 1, num_classes).to(device)
-    opt = torch.optim.Adam(param_groups(model, t["lr"], t["head_lr_multiplier"]), lr=t["lr"])
-    shuffle_gen = torch.Generator().manual_seed(cfg["seed"])
-    sample_gen = torch.Generator(device=device).manual_seed(cfg["seed"] + 1)
-    eval_gen = torch.Generator(device=device).manual_seed(cfg["seed"] + 2)
-    eval_kwargs = {}
-    if cfg["model"]["eval_sampler"]:
-        eval_kwargs["sampler"] = cfg["model"]["eval_sampler"]
-    results["models"]["ats"] = train_model(
+    def figures(model: nn.Module) -> dict[str, Any]:
+        n, seed = cfg["report"]["n_figures"], cfg["seed"]
+        return {"figures": save_figures(model, test_ds, exp.out_dir, n, device, eval_kwargs, seed)}
+
+    exp.train(
         "ats",
-        model,
-        opt,
-        train_ds,
-        test_ds,
-        batch_size=t["batch_size"],
-        epochs=t["epochs"],
-        budget_minutes=t["time_budget_minutes"],
-        generators={"shuffle": shuffle_gen, "sample": sample_gen, "eval": eval_gen},
-        forward=ats_forward(sample_gen),
-        eval_forward=ats_forward(eval_gen, **eval_kwargs),
-        entropy_lambda=t["entropy_lambda"],
+        lambda: build_ats(cfg, 1, 10),
+        (train_ds, test_ds),
+        generators=gens,
+        forward=ats_forward(gens["sample"]),
+        eval_forward=ats_forward(gens["eval"], **eval_kwargs),
+        entropy_lambda=cfg["train"]["entropy_lambda"],
         cost_forward=ats_forward(torch.Generator(device=device).manual_seed(0)),
         cost_used=(0, 1),
-        **shared,
+        after=figures,
     )
-    results["models"]["ats"]["figures"] = save_figures(
-        model, test_ds, out_dir, cfg["report"]["n_figures"], device, eval_kwargs, cfg["seed"]
-    )
-    del model, opt
-
-    # ---- baselines: a CNN on the low-res view, a CNN on the full-resolution image
-    for name, view in (("low_res_cnn", 0), ("full_res_cnn", 1)):
-        b = cfg["baselines"][name]
-        if not b["enabled"]:
-            continue
-        views = "low" if view == 0 else "high"
-        b_train, b_test = build_datasets(cfg, views=views)
-        seed_everything(cfg["seed"])
-        cnn = build_baseline(b, 1, num_classes).to(device)
-        results["models"][name] = train_model(
+    # Baselines: a CNN on the low-res view, a CNN on the full-resolution image, each on
+    # datasets that render only its view.
+    for name in enabled_baselines(cfg):
+        view = _VIEWS[name]
+        exp.train(
             name,
-            cnn,
-            torch.optim.Adam(param_groups(cnn, b["lr"], t["head_lr_multiplier"]), lr=b["lr"]),
-            b_train,
-            b_test,
-            batch_size=b["batch_size"] or t["batch_size"],
-            epochs=b["epochs"] or t["epochs"],
-            budget_minutes=b["time_budget_minutes"],
-            generators={"shuffle": torch.Generator().manual_seed(cfg["seed"])},
+            partial(build_baseline, cfg["baselines"][name], 1, 10),
+            build_datasets(cfg, views="low" if view == 0 else "high"),
+            generators=run_generators(cfg, device),
             forward=cnn_forward(view),
             cost_forward=cnn_forward(view),
             cost_used=(view,),
-            **shared,
         )
-        del cnn
 
-    return finish_run(results, out_dir, t_run)
+
+def _train_on_device(
+    exp: ExperimentRun, train_ds: MegapixelMNIST, test_ds: MegapixelMNIST, config_path: str
+) -> None:
+    """The GPU protocol: the models on device-rendered batches with the ``accel`` settings,
+    then the side-by-side step costs and the test-error figure."""
+    cfg, device = exp.cfg, exp.device
+    a, p, hd = cfg["accel"], cfg["model"]["patch_size"], cfg["data"]["high_dtype"]
+    backends = dp.configure_backends(device)
+    t0 = time.perf_counter()
+    train_dev = DeviceMegapixelMNIST(train_ds, device)
+    test_dev = DeviceMegapixelMNIST(test_ds, device)
+    results = exp.begin(
+        "megapixel_mnist",
+        config_path,
+        train_dev,
+        test_dev,
+        **_data_info(train_ds),
+        rendering="device (placements as tensors)",
+        placement_tables_s=time.perf_counter() - t0,  # one-off: building the tables
+    )
+    results["accel"] = {**dp.active_accel(device, a), **backends}
+    data = (train_dev, test_dev)
+    speed = {k: a[k] for k in ("amp", "channels_last", "compile")}
+    gens = run_generators(cfg, device, sampling=True)
+    eval_kwargs = eval_sampler_kwargs(cfg)
+
+    def ats() -> nn.Module:
+        model = build_ats(cfg, 1, 10).to(device)
+        dp.accelerate_ats_(model, device, a)
+        return model
+
+    exp.train(
+        "ats",
+        ats,
+        data,
+        generators=gens,
+        loaders=dp.device_loaders(*data, patch_size=p, high_dtype=hd),
+        rates=True,
+        forward=dp.source_forward(gens["sample"]),
+        eval_forward=dp.source_forward(gens["eval"], **eval_kwargs),
+        entropy_lambda=cfg["train"]["entropy_lambda"],
+        after=lambda m: {
+            "figures": dp.save_device_figures(m, test_dev, exp.out_dir, cfg, device, eval_kwargs)
+        },
+    )
+    for name in enabled_baselines(cfg):
+        view = _VIEWS[name]
+
+        def cnn(b: Mapping[str, Any] = cfg["baselines"][name]) -> nn.Module:
+            model = build_baseline(b, 1, 10).to(device)
+            dp.accelerate_(model, device, **speed)
+            return model
+
+        exp.train(
+            name,
+            cnn,
+            data,
+            generators=run_generators(cfg, device),
+            loaders=dp.device_loaders(*data, views="low" if view == 0 else "high"),
+            rates=True,
+            forward=dp.view_forward(view),
+        )
+
+    # Side-by-side step costs, the feature net over the whole image included.
+    rows = dp.compare_step_costs(
+        cfg,
+        device,
+        train_ds.pool,
+        sizes=a["cost_sizes"] or [train_ds.canvas_size[0]],
+        batch_sizes=a["cost_batch_sizes"],
+        full_image_max_batch=a["cost_full_image_max_batch"],
+        repeats=a["cost_repeats"],
+        accel=results["accel"],
+    )
+    dp.attach_step_costs(results, rows)
+    fig = dp.save_error_figure(exp.out_dir, list(results["models"]))
+    results["figures"] = [fig] if fig else []
+    print(dp.format_costs(rows))

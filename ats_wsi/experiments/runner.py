@@ -1,12 +1,19 @@
 """What the paper experiments (Megapixel MNIST, speed limits) share: config checks, model
 and loader construction, training one model with :func:`ats_wsi.training.fit` and measuring
-its cost, attention figures, and the ``results.json`` every run writes."""
+its cost, attention figures, and the ``results.json`` every run writes.
+
+:class:`ExperimentRun` is the scaffold of every experiment's ``run``: start the run folder,
+the ``results.json`` skeleton, one :meth:`ExperimentRun.train` per model (seed, build, Adam,
+:func:`fit`, cost, extras), :meth:`ExperimentRun.finish`; the experiment supplies only its
+data, models and forward functions."""
 
 from __future__ import annotations
 
 import json
+import statistics
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,26 +30,40 @@ from ats_wsi.training import (
     ForwardFn,
     fit,
     loader_steps,
+    param_groups,
     pick_device,
+    seed_everything,
     summarise_history,
 )
 
 __all__ = [
+    "ExperimentRun",
+    "LoaderFn",
     "RESUMABLE",
+    "TrainSettings",
     "baseline_schema",
     "budget_seconds",
     "build_ats",
     "build_baseline",
+    "enabled_baselines",
+    "eval_sampler_kwargs",
     "finish_run",
     "first_batch",
+    "fit_loaders",
     "load_checked_config",
     "make_loader",
     "measure_cost",
     "new_results",
+    "run_generators",
     "start_run",
     "train_model",
+    "train_rates",
+    "train_settings",
     "write_attention_figures",
 ]
+
+# ``(batch_size, shuffle generator) -> (train loader, test loader)``.
+LoaderFn = Callable[[int, torch.Generator], tuple[Iterable[Any], Iterable[Any]]]
 
 # Keys that may change between a run and its --resume (everything else must match).
 RESUMABLE = frozenset(
@@ -164,15 +185,25 @@ def first_batch(ds: Dataset, n: int) -> tuple[Tensor, ...]:
 # ----------------------------------------------------------------------------- run
 
 
-def start_run(cfg: Mapping[str, Any], out_dir: Path, resume_run: bool) -> torch.device:
-    """Pick the device, create ``out_dir`` and write ``config.json`` (checked on resume)."""
+def start_run(
+    cfg: Mapping[str, Any],
+    out_dir: Path,
+    resume_run: bool,
+    *,
+    added: Mapping[str, Any] | None = None,
+) -> torch.device:
+    """Pick the device, create ``out_dir`` and write ``config.json`` (checked on resume).
+
+    ``added``: top-level sections added to the schema after runs were written; an older
+    ``config.json`` without one is checked as if it held the value given (its default).
+    """
     device = pick_device(cfg["device"])
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg_file = out_dir / "config.json"
     if resume_run and cfg_file.exists():
-        check_resume_config(
-            json.loads(cfg_file.read_text()), cfg, str(out_dir), resumable=RESUMABLE
-        )
+        old = json.loads(cfg_file.read_text())
+        old.update({k: v for k, v in (added or {}).items() if k not in old})
+        check_resume_config(old, cfg, str(out_dir), resumable=RESUMABLE)
     cfg_file.write_text(json.dumps(cfg, indent=2) + "\n")
     return device
 
@@ -282,6 +313,18 @@ def fit_loaders(
     )
 
 
+def train_rates(history: Sequence[Mapping[str, Any]], n_train: int) -> dict[str, Any]:
+    """Training samples/s of a :func:`fit` log, over all epochs and at the median epoch."""
+    times = [r["train_time_s"] for r in history]
+    # The first epoch of a call pays warm-up (cuDNN autotuning, compilation): the median
+    # epoch is the steady rate.
+    return {
+        "train_samples_per_s": n_train * len(times) / max(sum(times), 1e-9),
+        "median_epoch_train_s": statistics.median(times) if times else None,
+        "steady_train_samples_per_s": n_train / statistics.median(times) if times else None,
+    }
+
+
 def train_model(
     name: str,
     model: nn.Module,
@@ -296,25 +339,36 @@ def train_model(
     epochs: int,
     budget_minutes: float | None,
     generators: dict[str, torch.Generator],
-    cost_batch: tuple[Tensor, ...],
-    cost_forward: ForwardFn,
+    cost_batch: tuple[Tensor, ...] | None = None,
+    cost_forward: ForwardFn | None = None,
     cost_used: Sequence[int] = (0,),
     resume_run: bool,
     progress: bool | None,
+    loaders: LoaderFn | None = None,
+    rates: bool = False,
     **fit_kwargs: Any,
 ) -> dict[str, Any]:
     """Train ``model`` with :func:`fit`, then measure its cost; returns its results entry.
 
-    The training set is shuffled with ``generators["shuffle"]``; ``fit_kwargs`` (``forward``,
+    ``loaders(batch_size, generators["shuffle"])`` makes the train and test loaders
+    (default: DataLoaders over ``train_ds`` / ``test_ds``, :func:`make_loader`, the training
+    set shuffled with ``generators["shuffle"]``). ``fit_kwargs`` (``forward``,
     ``eval_forward``, ``bn_loader``, ...) go to :func:`loader_steps`, ``scheduler`` to
-    :func:`fit`.
+    :func:`fit`. With ``cost_forward`` the entry gets ``cost`` (:func:`measure_cost` on
+    ``cost_batch``), with ``rates`` the samples/s of :func:`train_rates`.
     """
+    if loaders is None:
+        shuffle = generators["shuffle"]
+        train_loader = make_loader(train_ds, batch_size, True, cfg, device, shuffle)
+        test_loader = make_loader(test_ds, batch_size, False, cfg, device)
+    else:
+        train_loader, test_loader = loaders(batch_size, generators["shuffle"])
     history = fit_loaders(
         name,
         model,
         opt,
-        make_loader(train_ds, batch_size, True, cfg, device, generators["shuffle"]),
-        make_loader(test_ds, batch_size, False, cfg, device),
+        train_loader,
+        test_loader,
         cfg=cfg,
         out_dir=out_dir,
         device=device,
@@ -325,10 +379,16 @@ def train_model(
         progress=progress,
         **fit_kwargs,
     )
-    entry = summarise_history(history, epochs, len(train_ds))
-    entry["cost"] = measure_cost(
-        model, cost_batch, cost_forward, device, cfg["report"]["cost_repeats"], cost_used
-    )
+    n_train = len(train_ds)  # type: ignore[arg-type]
+    entry = summarise_history(history, epochs, n_train)
+    if cost_forward is not None:
+        if cost_batch is None:
+            raise ValueError("cost_forward needs a cost_batch")
+        entry["cost"] = measure_cost(
+            model, cost_batch, cost_forward, device, cfg["report"]["cost_repeats"], cost_used
+        )
+    if rates:
+        entry.update(train_rates(history, n_train))
     return entry
 
 
@@ -378,3 +438,156 @@ def finish_run(results: dict[str, Any], out_dir: Path, t_run: float) -> dict[str
     )
     write_json(out_dir / "results.json", results)
     return results
+
+
+# ----------------------------------------------------------------------------- scaffold
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """How one model is trained: the ``train`` block for ATS, a baseline block (its nulls
+    filled from ``train``) for a baseline."""
+
+    lr: float
+    epochs: int
+    batch_size: int
+    budget_minutes: float | None
+
+
+def train_settings(cfg: Mapping[str, Any], name: str) -> TrainSettings:
+    """:class:`TrainSettings` of model ``name`` (``"ats"`` or a key of ``baselines``)."""
+    t = cfg["train"]
+    if name == "ats":
+        return TrainSettings(t["lr"], t["epochs"], t["batch_size"], t["time_budget_minutes"])
+    b = cfg["baselines"][name]
+    return TrainSettings(
+        lr=b["lr"],
+        epochs=b["epochs"] or t["epochs"],
+        batch_size=b["batch_size"] or t["batch_size"],
+        budget_minutes=b["time_budget_minutes"],
+    )
+
+
+def enabled_baselines(cfg: Mapping[str, Any]) -> list[str]:
+    """The names of the enabled baselines, in config order."""
+    return [name for name, b in cfg["baselines"].items() if b["enabled"]]
+
+
+def eval_sampler_kwargs(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """Model kwargs of evaluation: ``{"sampler": model.eval_sampler}`` when one is set."""
+    sampler = cfg["model"]["eval_sampler"]
+    return {"sampler": sampler} if sampler else {}
+
+
+def run_generators(
+    cfg: Mapping[str, Any], device: torch.device, *, sampling: bool = False, augment: bool = False
+) -> dict[str, torch.Generator]:
+    """The checkpointed generators of one model: ``shuffle`` (CPU, ``seed``), with
+    ``augment`` ``augment`` (CPU, ``seed + 3``), with ``sampling`` ATS's ``sample`` and
+    ``eval`` (on ``device``, ``seed + 1`` and ``seed + 2``)."""
+    seed = cfg["seed"]
+    gens = {"shuffle": torch.Generator().manual_seed(seed)}
+    if augment:
+        gens["augment"] = torch.Generator().manual_seed(seed + 3)
+    if sampling:
+        gens["sample"] = torch.Generator(device=device).manual_seed(seed + 1)
+        gens["eval"] = torch.Generator(device=device).manual_seed(seed + 2)
+    return gens
+
+
+class ExperimentRun:
+    """One experiment run: the steps every experiment's ``run`` shares.
+
+    ``ExperimentRun(cfg, out_dir, ...)`` starts the clock, picks the device and writes
+    ``config.json`` (:func:`start_run`, with its ``added``); :meth:`begin` makes the
+    ``results.json`` skeleton; :meth:`train` trains one model into ``results["models"]``;
+    :meth:`finish` writes ``results.json``.
+    """
+
+    def __init__(
+        self,
+        cfg: dict[str, Any],
+        out_dir: Path,
+        *,
+        resume_run: bool = False,
+        progress: bool | None = None,
+        added: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.t_run = time.perf_counter()  # wall time of the whole run
+        self.cfg, self.out_dir = cfg, out_dir
+        self.resume_run, self.progress = resume_run, progress
+        self.device = start_run(cfg, out_dir, resume_run, added=added)
+        self.results: dict[str, Any] = {}
+        self.cost_batch: tuple[Tensor, ...] | None = None
+
+    def begin(
+        self,
+        benchmark: str,
+        config_path: str,
+        train_ds: Any,
+        test_ds: Any,
+        *,
+        cost_batch: tuple[Tensor, ...] | None = None,
+        **data: Any,
+    ) -> dict[str, Any]:
+        """The ``results.json`` skeleton (:func:`new_results`); ``cost_batch`` is the batch
+        :meth:`train` measures costs on."""
+        self.results = new_results(
+            benchmark, config_path, self.cfg, self.device, train_ds, test_ds, **data
+        )
+        self.cost_batch = cost_batch
+        return self.results
+
+    def train(
+        self,
+        name: str,
+        build: Callable[[], nn.Module],
+        data: tuple[Dataset, Dataset],
+        *,
+        generators: dict[str, torch.Generator],
+        scheduler: Callable[[torch.optim.Optimizer], Any] | None = None,
+        after: Callable[[nn.Module], Mapping[str, Any]] | None = None,
+        **train_kwargs: Any,
+    ) -> dict[str, Any]:
+        """Train model ``name`` and add its entry to ``results["models"]``; returns it.
+
+        ``build()`` runs right after ``seed_everything(seed)``, so every model starts from
+        the same RNG state; the model goes to the device and is trained by Adam over
+        :func:`~ats_wsi.training.param_groups` with its :func:`train_settings`, by
+        :func:`train_model` on ``data`` (``(train, test)``) with ``train_kwargs`` (``loaders``,
+        ``forward``, ``eval_forward``, ``cost_forward``, ``rates``, ...), costs measured on
+        the ``cost_batch`` of :meth:`begin`. ``scheduler(opt)`` makes an lr scheduler;
+        ``after(model)`` adds fields to the entry (figures).
+        """
+        cfg, device = self.cfg, self.device
+        s = train_settings(cfg, name)
+        seed_everything(cfg["seed"])
+        model = build().to(device)
+        groups = param_groups(model, s.lr, cfg["train"]["head_lr_multiplier"])
+        opt = torch.optim.Adam(groups, lr=s.lr)
+        entry = train_model(
+            name,
+            model,
+            opt,
+            *data,
+            cfg=cfg,
+            out_dir=self.out_dir,
+            device=device,
+            batch_size=s.batch_size,
+            epochs=s.epochs,
+            budget_minutes=s.budget_minutes,
+            generators=generators,
+            cost_batch=self.cost_batch,
+            resume_run=self.resume_run,
+            progress=self.progress,
+            scheduler=None if scheduler is None else scheduler(opt),
+            **train_kwargs,
+        )
+        if after is not None:
+            entry.update(after(model))
+        self.results["models"][name] = entry
+        return entry
+
+    def finish(self) -> dict[str, Any]:
+        """:func:`finish_run`: write and return ``results.json``."""
+        return finish_run(self.results, self.out_dir, self.t_run)

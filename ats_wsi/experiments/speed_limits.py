@@ -10,8 +10,8 @@ the authors' model. Outputs as in :mod:`ats_wsi.experiments.megapixel_mnist`;
 
 from __future__ import annotations
 
-import time
 from collections.abc import Mapping
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -23,26 +23,20 @@ from torch.utils.data import Dataset, Subset
 from ats_wsi.config import REQUIRED, ConfigError
 from ats_wsi.datasets.speed_limits import CLASSES, SpeedLimits, SpeedLimitsStandIn
 from ats_wsi.experiments.runner import (
+    ExperimentRun,
     baseline_schema,
     build_ats,
     build_baseline,
-    finish_run,
+    enabled_baselines,
+    eval_sampler_kwargs,
     first_batch,
     load_checked_config,
     make_loader,
-    new_results,
-    start_run,
-    train_model,
+    run_generators,
     write_attention_figures,
 )
 from ats_wsi.model import ATSModel
-from ats_wsi.training import (
-    ForwardFn,
-    StepOutput,
-    class_balanced_weights,
-    param_groups,
-    seed_everything,
-)
+from ats_wsi.training import ForwardFn, StepOutput, class_balanced_weights
 
 __all__ = [
     "CHOICES",
@@ -260,102 +254,64 @@ def run(
     progress: bool | None = None,
 ) -> dict[str, Any]:
     """Train and evaluate ATS and the low-res CNN; write and return ``results.json``."""
-    t_run = time.perf_counter()
-    device = start_run(cfg, out_dir, resume_run)
+    exp = ExperimentRun(cfg, out_dir, resume_run=resume_run, progress=progress)
+    device = exp.device
     train_ds, test_ds = build_datasets(cfg)
     t = cfg["train"]
     train_labels = list(train_ds.labels)
     weights = class_balanced_weights(train_labels, len(CLASSES)) if t["class_balanced"] else None
-    results = new_results(
+    exp.begin(
         "speed_limits",
         config_path,
-        cfg,
-        device,
         train_ds,
         test_ds,
+        cost_batch=first_batch(test_ds, cfg["report"]["cost_batch_size"]),
         train_class_counts=[train_labels.count(c) for c in range(len(CLASSES))],
         classes=list(CLASSES),
-    )
-    shared = dict(  # arguments of every train_model call
-        cfg=cfg,
-        out_dir=out_dir,
-        device=device,
-        cost_batch=first_batch(test_ds, cfg["report"]["cost_batch_size"]),
-        class_weights=weights,
-        resume_run=resume_run,
-        progress=progress,
     )
 
     def schedule(opt: torch.optim.Optimizer) -> Any:
         return torch.optim.lr_scheduler.MultiStepLR(opt, t["lr_decay_epochs"], t["lr_decay_factor"])
 
     # ---- ATS
-    seed_everything(cfg["seed"])
-    model = build_ats(cfg, 3, len(CLASSES)).to(device)
-    opt = torch.optim.Adam(param_groups(model, t["lr"], t["head_lr_multiplier"]), lr=t["lr"])
-    sched = schedule(opt)
-    gens = {
-        "shuffle": torch.Generator().manual_seed(cfg["seed"]),
-        "augment": torch.Generator().manual_seed(cfg["seed"] + 3),
-        "sample": torch.Generator(device=device).manual_seed(cfg["seed"] + 1),
-        "eval": torch.Generator(device=device).manual_seed(cfg["seed"] + 2),
-    }
-    eval_kwargs = {"sampler": cfg["model"]["eval_sampler"]} if cfg["model"]["eval_sampler"] else {}
+    gens = run_generators(cfg, device, sampling=True, augment=True)
+    eval_kwargs = eval_sampler_kwargs(cfg)
     n_bn = min(len(train_ds), t["bn_recalibration_batches"] * t["batch_size"])
     bn_loader = None
     if n_bn > 0:
         bn_loader = make_loader(Subset(train_ds, range(n_bn)), t["batch_size"], False, cfg, device)
-    results["models"]["ats"] = train_model(
+    exp.train(
         "ats",
-        model,
-        opt,
-        train_ds,
-        test_ds,
-        batch_size=t["batch_size"],
-        epochs=t["epochs"],
-        budget_minutes=t["time_budget_minutes"],
+        lambda: build_ats(cfg, 3, len(CLASSES)),
+        (train_ds, test_ds),
         generators=gens,
+        scheduler=schedule,
         forward=sts_forward(
             cfg, train=True, generator=gens["sample"], aug_generator=gens["augment"]
         ),
         eval_forward=sts_forward(cfg, train=False, generator=gens["eval"], **eval_kwargs),
         bn_loader=bn_loader,
-        scheduler=sched,
         entropy_lambda=t["entropy_lambda"],
+        class_weights=weights,
         cost_forward=sts_forward(
             cfg, train=False, generator=torch.Generator(device=device).manual_seed(0)
         ),
-        **shared,
+        after=lambda model: {"figures": save_figures(model, test_ds, cfg, out_dir, device)},
     )
-    results["models"]["ats"]["figures"] = save_figures(model, test_ds, cfg, out_dir, device)
-    del model, opt
 
     # ---- baseline: a CNN on the low-res view
-    b = cfg["baselines"]["low_res_cnn"]
-    if b["enabled"]:
-        seed_everything(cfg["seed"])
-        cnn = build_baseline(b, 3, len(CLASSES)).to(device)
-        bopt = torch.optim.Adam(param_groups(cnn, b["lr"], t["head_lr_multiplier"]), lr=b["lr"])
-        bgens = {
-            "shuffle": torch.Generator().manual_seed(cfg["seed"]),
-            "augment": torch.Generator().manual_seed(cfg["seed"] + 3),
-        }
-        results["models"]["low_res_cnn"] = train_model(
-            "low_res_cnn",
-            cnn,
-            bopt,
-            train_ds,
-            test_ds,
-            batch_size=b["batch_size"] or t["batch_size"],
-            epochs=b["epochs"] or t["epochs"],
-            budget_minutes=b["time_budget_minutes"],
-            generators=bgens,
-            forward=sts_forward(
-                cfg, train=True, kind="low_res_cnn", aug_generator=bgens["augment"]
-            ),
-            eval_forward=sts_forward(cfg, train=False, kind="low_res_cnn"),
-            scheduler=schedule(bopt),
-            cost_forward=sts_forward(cfg, train=False, kind="low_res_cnn"),
-            **shared,
+    for name in enabled_baselines(cfg):
+        gens = run_generators(cfg, device, augment=True)
+        cnn_forward = sts_forward(cfg, train=False, kind=name)
+        exp.train(
+            name,
+            partial(build_baseline, cfg["baselines"][name], 3, len(CLASSES)),
+            (train_ds, test_ds),
+            generators=gens,
+            scheduler=schedule,
+            forward=sts_forward(cfg, train=True, kind=name, aug_generator=gens["augment"]),
+            eval_forward=cnn_forward,
+            class_weights=weights,
+            cost_forward=cnn_forward,
         )
-    return finish_run(results, out_dir, t_run)
+    return exp.finish()
