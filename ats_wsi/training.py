@@ -32,6 +32,7 @@ from ats_wsi.checkpoint import append_jsonl, read_jsonl, resume, save_checkpoint
 
 __all__ = [
     "EpochStep",
+    "FitSettings",
     "ForwardFn",
     "NonFiniteLossError",
     "StepOutput",
@@ -361,6 +362,21 @@ def _better(metric: str, new: float | None, best: float | None) -> bool:
     return new < best if metric.endswith("loss") else new > best
 
 
+@dataclass(frozen=True)
+class FitSettings:
+    """:func:`fit`'s policy: how many epochs, how often it evaluates and checkpoints, the
+    checkpoint file names (``{name}`` is the model's name), the metric that picks the best
+    epoch (None: no best checkpoint) and the wall-clock budget in seconds."""
+
+    epochs: int
+    eval_every: int = 1
+    checkpoint_every: int = 1
+    checkpoint_name: str = "{name}_checkpoint.pt"
+    best_name: str = "{name}_best.pt"
+    select_metric: str | None = None
+    time_budget_s: float | None = None
+
+
 class _RunFiles:
     """Where :func:`fit` keeps a run: the metrics log and the last / best checkpoints in a
     folder, or (no folder) the records in memory and no checkpoint at all."""
@@ -428,27 +444,22 @@ def fit(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     train_step: EpochStep,
+    loop: FitSettings,
     *,
-    epochs: int,
     out_dir: str | Path | None,
     name: str = "ats",
     eval_step: EpochStep | None = None,
-    eval_every: int = 1,
     before_eval: Callable[[], Any] | None = None,
     device: torch.device | str = "cpu",
     scheduler: Any = None,
     config: Mapping[str, Any] | None = None,
     generators: Mapping[str, torch.Generator] | None = None,
     extra: Mapping[str, Any] | None = None,
-    checkpoint_every: int = 1,
-    checkpoint_name: str = "{name}_checkpoint.pt",
-    select_metric: str | None = None,
-    best_name: str = "{name}_best.pt",
     resume_run: bool = False,
-    time_budget_s: float | None = None,
     on_epoch_end: Callable[[int, dict[str, Any]], None] | None = None,
 ) -> list[dict[str, Any]]:
-    """The epoch loop: train, evaluate, checkpoint, log; resumable and DDP-aware.
+    """The epoch loop: train, evaluate, checkpoint, log; resumable and DDP-aware. ``loop``
+    holds its policy (epochs, cadences, file names, best-epoch metric, time budget).
 
     ``train_step(epoch)`` runs one training epoch and returns its ``train_*`` metrics;
     ``eval_step(epoch)`` returns evaluation metrics and runs every ``eval_every`` epochs and
@@ -474,7 +485,7 @@ def fit(
     """
     rank, world = dist_info()
     core = model.module if hasattr(model, "module") else model
-    files = _RunFiles(out_dir, name, checkpoint_name, best_name)
+    files = _RunFiles(out_dir, name, loop.checkpoint_name, loop.best_name)
     start, best = 1, None
     if resume_run and files.ckpt is not None and files.ckpt.exists():
         state = resume(
@@ -492,7 +503,7 @@ def fit(
     # Every rank has looked for (and read) the checkpoint before rank 0 may overwrite it.
     _barrier(world)
     t_start = time.perf_counter()
-    for epoch in range(start, epochs + 1):
+    for epoch in range(start, loop.epochs + 1):
         t0 = time.perf_counter()
         record: dict[str, Any] = {"epoch": epoch, "model": name, "world_size": world}
         record["lr"] = float(optimizer.param_groups[0]["lr"])
@@ -501,33 +512,34 @@ def fit(
         if scheduler is not None:
             scheduler.step()
         # Decided before evaluating, so that a run stopped by its budget ends evaluated.
-        out_of_time = time_budget_s is not None and time.perf_counter() - t_start > time_budget_s
-        last = epoch == epochs or out_of_time
-        evaluate_now = eval_step is not None and (epoch % eval_every == 0 or last)
-        checkpoint_now = epoch % checkpoint_every == 0 or last
+        budget = loop.time_budget_s
+        out_of_time = budget is not None and time.perf_counter() - t_start > budget
+        last = epoch == loop.epochs or out_of_time
+        evaluate_now = eval_step is not None and (epoch % loop.eval_every == 0 or last)
+        checkpoint_now = epoch % loop.checkpoint_every == 0 or last
         if before_eval is not None and (evaluate_now or checkpoint_now):
             before_eval()
         if evaluate_now:
             record.update(eval_step(epoch))
         record["epoch_time_s"] = time.perf_counter() - t0
         if rank == 0:
-            improved = select_metric is not None and _better(
-                select_metric, record.get(select_metric), best
+            improved = loop.select_metric is not None and _better(
+                loop.select_metric, record.get(loop.select_metric), best
             )
             if improved:
-                best = record[select_metric]
-            info = {**(extra or {}), "best": best, "select_metric": select_metric}
+                best = record[loop.select_metric]
+            info = {**(extra or {}), "best": best, "select_metric": loop.select_metric}
             # Checkpoint before logging: a log line never refers to a state that was lost.
             if checkpoint_now:
                 files.save_last(core, optimizer, scheduler, epoch, config, generators, info)
-            if select_metric is not None:
+            if loop.select_metric is not None:
                 files.save_best(core, epoch, config, info, improved)
                 record["best"] = best
             files.append(record)
             if on_epoch_end is not None:
                 on_epoch_end(epoch, record)
         _barrier(world)
-        if out_of_time and epoch < epochs:
+        if out_of_time and epoch < loop.epochs:
             break
     return files.records() if rank == 0 else []
 

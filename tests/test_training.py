@@ -14,6 +14,7 @@ from ats_wsi import checkpoint
 from ats_wsi.benchmarking import PeakMemory
 from ats_wsi.checkpoint import load_checkpoint, read_jsonl, save_checkpoint, truncate_jsonl
 from ats_wsi.training import (
+    FitSettings,
     NonFiniteLossError,
     StepOutput,
     class_balanced_weights,
@@ -53,6 +54,7 @@ def _setup(seed: int = 0):
 
 def _fit(out: Path, epochs: int, resume: bool = False, **kw):
     model, opt, sched, shuffle, loader = _setup()
+    loop = FitSettings(epochs=epochs, **kw)
     hist = fit(
         model,
         opt,
@@ -64,13 +66,12 @@ def _fit(out: Path, epochs: int, resume: bool = False, **kw):
             forward=_forward,
             progress=False,
         ),
-        epochs=epochs,
+        loop=loop,
         out_dir=out,
         scheduler=sched,
         generators={"shuffle": shuffle},
         config={"lr": 0.05, "nested": {"a": [1, 2]}},
         resume_run=resume,
-        **kw,
     )
     return model, hist
 
@@ -272,7 +273,7 @@ def test_fit_bn_loader_changes_evaluation_not_training(tmp_path: Path) -> None:
             bn_loader=bn_loader,
             progress=False,
         )
-        hist = fit(model, opt, **steps, epochs=3, out_dir=out)
+        hist = fit(model, opt, loop=FitSettings(epochs=3), **steps, out_dir=out)
         return model, hist
 
     calib = list(DataLoader(_data(16), batch_size=8))
@@ -303,7 +304,7 @@ def test_nan_loss_stops_training_naming_epoch_and_step(tmp_path: Path) -> None:
     poisoned.calls = 0
     steps = loader_steps(model, opt, loader, forward=poisoned, epochs=3, progress=False)
     with pytest.raises(NonFiniteLossError, match=r"ats epoch 2/3, step 2: loss is nan"):
-        fit(model, opt, **steps, epochs=3, out_dir=tmp_path)
+        fit(model, opt, loop=FitSettings(epochs=3), **steps, out_dir=tmp_path)
     # The bad step's backward never ran, so the weights stay finite; the checkpoint on disk is
     # epoch 1's.
     saved = load_checkpoint(tmp_path / "ats_checkpoint.pt")

@@ -27,6 +27,7 @@ from ats_wsi.checkpoint import library_versions
 from ats_wsi.config import check_choices, check_resume_config, load_yaml_config
 from ats_wsi.model import ATSModel
 from ats_wsi.training import (
+    FitSettings,
     ForwardFn,
     fit,
     loader_steps,
@@ -295,21 +296,24 @@ def fit_loaders(
         progress=progress,
         **step_kwargs,
     )
+    loop = FitSettings(
+        epochs=epochs,
+        eval_every=t["eval_every"],
+        checkpoint_every=t["checkpoint_every"],
+        time_budget_s=budget_seconds(budget_minutes),
+    )
     return fit(
         model,
         opt,
+        loop=loop,
         **steps,
-        epochs=epochs,
         out_dir=out_dir,
         name=name,
-        eval_every=t["eval_every"],
         device=device,
         scheduler=scheduler,
         config=cfg,
         generators=generators,
-        checkpoint_every=t["checkpoint_every"],
         resume_run=resume_run,
-        time_budget_s=budget_seconds(budget_minutes),
     )
 
 

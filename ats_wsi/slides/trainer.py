@@ -41,6 +41,7 @@ from ats_wsi.slides.manifest import ManifestError, make_splits, mpp_spec, read_m
 from ats_wsi.slides.progress import slide_progress
 from ats_wsi.slides.settings import SlideSettings, TrainConfig, TrainSettings
 from ats_wsi.training import (
+    FitSettings,
     class_balanced_weights,
     dist_info,
     fit,
@@ -194,22 +195,25 @@ def fit_slides(
         )
         return _epoch_metrics(_gather(vpart, world), "val_")
 
+    loop = FitSettings(
+        epochs=epochs,
+        eval_every=tcfg.eval_every,
+        checkpoint_name="{name}_last.pt",
+        select_metric=tcfg.select_metric,
+        time_budget_s=tcfg.time_budget_s,
+    )
     return fit(
         model,
         optimizer,
         train_step,
-        epochs=epochs,
+        loop,
         out_dir=out,
         name=name,
         eval_step=eval_step if val_recs else None,
-        eval_every=tcfg.eval_every,
         device=device,
         config=config,
         extra=extra,
-        checkpoint_name="{name}_last.pt",
-        select_metric=tcfg.select_metric,
         resume_run=resume_run,
-        time_budget_s=tcfg.time_budget_s,
         on_epoch_end=lambda epoch, r: _log(tcfg, f"[{name}] epoch {epoch}/{epochs} " + _fmt(r)),
     )
 
