@@ -20,11 +20,12 @@ import torch
 import yaml
 from slide_helpers import rows
 
-from ats_wsi.settings import to_dict
+from ats_wsi.settings import parse, to_dict
 from ats_wsi.slides import cohort as cohort_module
 from ats_wsi.slides import trainer
 from ats_wsi.slides.cohort import DemoCohortConfig, make_demo_cohort
 from ats_wsi.slides.manifest import read_manifest
+from ats_wsi.slides.settings import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 # About 9 slides of ~300 x 300 pixels (tests/slides/conftest.py's TINY_COHORT).
@@ -105,7 +106,7 @@ def test_two_ranks_fresh_folder_then_resume(tiny_config: Any, tmp_path: Path) ->
 
     # The split both ranks trained on is the one a single process makes and writes.
     single = tmp_path / "single"
-    df, _, _ = trainer._load_data(cfg, single, 0, 1)
+    df, _, _ = trainer._load_data(parse(TrainConfig, cfg), single, 0, 1)
     assert (out / "splits.csv").read_bytes() == (single / "splits.csv").read_bytes()
     splits = rows(out / "splits.csv")
     cohort = read_manifest(out / "cohort" / "manifest.csv")
