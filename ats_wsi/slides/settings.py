@@ -12,8 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from ats_wsi.io.mpp import MppSpec
 from ats_wsi.io.prefetch import LowResLoader
-from ats_wsi.io.readers import MppSpec
 
 __all__ = [
     "HE_MEAN",
