@@ -278,7 +278,6 @@ def measure_step_cost(
     the median over ``repeats`` after one warm-up call; parameters are not updated.
     """
     device = torch.device(device)
-    model.train(train)
     n = len(batch[-1])
     if input_bytes is None:
         input_bytes = sum(t.numel() * t.element_size() for t in batch if isinstance(t, Tensor))

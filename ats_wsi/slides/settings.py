@@ -66,14 +66,6 @@ class SlideSettings:
     slide_mpp: float | MppSpec | None = None
     read_workers: int = 4
 
-    @classmethod
-    def from_dict(cls, cfg: dict[str, Any]) -> SlideSettings:
-        """Build from plain data (unknown keys are an error)."""
-        unknown = set(cfg) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"unknown slide settings: {sorted(unknown)}")
-        return cls(**cfg)
-
     def loader(self) -> LowResLoader:
         """The picklable low-res view loader for these settings."""
         return LowResLoader(
