@@ -95,3 +95,12 @@ class GridMapping:
     def top_left(self, indices: Tensor) -> Tensor:
         """Top-left (y, x) int64 (..., 2) of the ``patch_size`` box centred on each cell."""
         return torch.round(self.centre(indices) - self.patch_size / 2).long()
+
+    def block_boxes(self, origin: Tensor, cells: int) -> tuple[Tensor, tuple[int, int]]:
+        """The boxes covering ``cells`` x ``cells`` blocks of cells whose first cell is
+        ``origin`` (..., 2) (row, col): int64 top-left (y, x) (..., 2) and one (h, w) size,
+        in high-res pixels. A cell spans ``step`` pixels around its centre."""
+        offset, step = self._params(torch.as_tensor(origin).device)
+        start = offset - step / 2 + torch.as_tensor(origin).to(torch.float64) * step
+        size = (cells * step).round().long().tolist()
+        return torch.round(start).long(), (int(size[0]), int(size[1]))

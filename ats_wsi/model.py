@@ -1,4 +1,5 @@
-"""The single-level attention-sampling model (ATS_SPEC 1, docs/architecture.md)."""
+"""The attention-sampling model (ATS_SPEC 1, docs/architecture.md), with optional zoom-in
+sampling over a second level (ATS_SPEC 1.5, :mod:`ats_wsi.zoom`)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ats_wsi.attention import attention_distribution
@@ -14,8 +16,9 @@ from ats_wsi.mapping import GridMapping
 from ats_wsi.nets import build_attention_net, build_feature_net
 from ats_wsi.patches import PatchSource, TensorPatchSource
 from ats_wsi.sampling import SAMPLERS, sample
+from ats_wsi.zoom import RegionGrid, cell_mask, draw_in_regions, region_logits, zoom_expectation
 
-__all__ = ["ATSModel", "ATSOutput", "attend"]
+__all__ = ["ATSModel", "ATSOutput", "ZoomLevel", "ZoomOutput", "attend"]
 
 
 def attend(
@@ -52,6 +55,9 @@ class ATSOutput:
         patches: (B, N, C, p, p) the patches as the source returned them (before the
             model's input normalisation); None when a feature cache supplied the features.
         features: (B, N, D) L2-normalised patch features.
+        zoom: the zoom-in level's regions and inner attention (None for one level); then
+            ``attention`` / ``probs`` are level 0's cell map the regions are pooled from and
+            ``indices`` the cells of the tiles read, region by region.
     """
 
     logits: Tensor
@@ -61,6 +67,70 @@ class ATSOutput:
     locations: Tensor
     patches: Tensor | None
     features: Tensor
+    zoom: ZoomOutput | None = None
+
+
+@dataclass
+class ZoomLevel:
+    """The second attention level of zoom-in sampling (see :mod:`ats_wsi.zoom`).
+
+    Attributes:
+        attention_net: (R, C, h, w) region views -> (R, 1, a, b) logits, average-pooled onto
+            the region's ``region_cells`` x ``region_cells`` cells.
+        n_regions: regions N0 sampled by level 0 (``n_patches`` cells are drawn in each).
+        region_cells: region side in level-0 attention cells.
+        region_stride: cells between region origins (0: ``region_cells``, no overlap).
+        region_mpp: resolution of the region views, in the source's ``mpp`` units.
+    """
+
+    attention_net: nn.Module
+    n_regions: int
+    region_cells: int = 4
+    region_stride: int = 0
+    region_mpp: float = 4.0
+
+    def __post_init__(self) -> None:
+        if self.n_regions < 1 or self.region_cells < 1 or self.region_mpp <= 0:
+            raise ValueError(
+                "zoom needs n_regions >= 1, region_cells >= 1 and region_mpp > 0, got "
+                f"{self.n_regions}, {self.region_cells}, {self.region_mpp}"
+            )
+        self.region_stride = self.region_stride or self.region_cells
+
+
+@dataclass
+class ZoomOutput:
+    """What the zoom-in level looked at (one sample; R regions drawn, T tiles in all).
+
+    Attributes:
+        region_probs: (1, M) level-0 distribution over all regions.
+        regions: (1, R) sampled regions in draw order.
+        region_top_left: (R, 2) top-left (y, x) of each region's box, source pixels.
+        region_box: (h, w) of the region boxes, source pixels.
+        region_grid: (r_h, r_w) regions per axis.
+        members: (R, S) level-0 cells of each region (-1: past the grid edge).
+        cell_probs: (R, S) level-1 attention inside each region.
+        tile_region: (T,) which sampled region (0..R-1) each tile was drawn in.
+        tile_cell: (T,) the tile's position inside its region (column of ``members``).
+        region_pixels: region-view pixels read (R * h * w at ``region_mpp``).
+    """
+
+    region_probs: Tensor
+    regions: Tensor
+    region_top_left: Tensor
+    region_box: tuple[int, int]
+    region_grid: tuple[int, int]
+    members: Tensor
+    cell_probs: Tensor
+    tile_region: Tensor
+    tile_cell: Tensor
+    region_pixels: int
+
+    def tile_probability(self) -> Tensor:
+        """(T,) each tile's probability under the nested distribution through its region:
+        ``a_0(region) * a_1(tile | region)``."""
+        region = self.region_probs[0, self.regions[0, self.tile_region]]
+        return region * self.cell_probs[self.tile_region, self.tile_cell]
 
 
 def _channel_tensor(value: float | list[float] | None) -> Tensor:
@@ -93,6 +163,11 @@ class ATSModel(nn.Module):
             0.14-0.20x, though it raised the variance of 20 % of them.
         in_channels: image channels the nets take (the first ``in_channels`` of a view are used
             by front ends that read RGB slides).
+        zoom: zoom-in sampling (:mod:`ats_wsi.zoom`), None for one level. A
+            :class:`ZoomLevel`: its ``n_regions`` regions of ``region_cells`` x
+            ``region_cells`` attention cells are sampled first, each is read at
+            ``region_mpp`` (through the source's ``read_regions``) and scored by its
+            ``attention_net``, and ``n_patches`` cells are sampled inside each region.
         input_mean, input_std: per-channel (or scalar) normalisation ``(x - mean) / std`` applied
             inside the model to the low-res view and to the patches, so callers hand it images
             in [0, 1]; None: no normalisation. A feature net with ``normalizes_input = True``
@@ -113,6 +188,7 @@ class ATSModel(nn.Module):
         in_channels: int | None = None,
         input_mean: float | list[float] | None = None,
         input_std: float | list[float] | None = None,
+        zoom: ZoomLevel | None = None,
     ) -> None:
         super().__init__()
         for attr, net in (("receptive_field", attention_net), ("out_dim", feature_net)):
@@ -142,6 +218,9 @@ class ATSModel(nn.Module):
         self.patch_normalize = self.normalize and not getattr(
             feature_net, "normalizes_input", False
         )
+        self.zoom = zoom
+        # A registered submodule only when zooming: single-level state dicts stay as they were.
+        self.zoom_net = None if zoom is None else zoom.attention_net
 
     def _features(self, patches: Tensor) -> Tensor:
         """(B, N, C, p, p) patches -> (B * N, D) features (the model's normalisation first)."""
@@ -186,6 +265,12 @@ class ATSModel(nn.Module):
 
         attention_net = build("attention_net", build_attention_net)
         feature_net = build("feature_net", build_feature_net)
+        zoom = dict(cfg.pop("zoom", None) or {})
+        cfg["zoom"] = None
+        if zoom.get("n_regions", 0):
+            net = zoom.pop("attention_net")
+            net = {"name": net} if isinstance(net, str) else dict(net)
+            cfg["zoom"] = ZoomLevel(build_attention_net(net.pop("name"), **net), **zoom)
         return cls(attention_net, feature_net, **cfg)
 
     def forward(
@@ -217,42 +302,141 @@ class ATSModel(nn.Module):
             source = TensorPatchSource(source, self.patch_size)
         mode = self.sampler if sampler is None else sampler
         n = self.n_patches if n_patches is None else int(n_patches)
-        batch = x_low.shape[0]
-
         view = (x_low - self.input_mean) / self.input_std if self.normalize else x_low
+        if self.zoom is not None:
+            return self._zoom_forward(view, source, mask, n, mode, generator, feature_cache)
         logits, probs, indices = attend(
             self.attention_net, view, mask, self.smoothing, n, mode, generator
         )
-        n = indices.shape[1]
+        locations = self._mapping(view, source, logits).top_left(indices)
+        patches, features = self._read(source, locations, feature_cache, x_low.device)
+        baseline = None if self.baseline_momentum is None else self.feature_mean.clone()
+        estimate = expectation(probs, features, indices, mode, baseline)
+        return self._output(estimate, logits, probs, indices, locations, patches, features)
 
-        mapping = GridMapping(
-            low_size=tuple(x_low.shape[-2:]),
+    def _mapping(self, view: Tensor, source: PatchSource, logits: Tensor) -> GridMapping:
+        """Level 0's cells -> boxes of ``source.patch_size`` in the source's pixels."""
+        return GridMapping(
+            low_size=tuple(view.shape[-2:]),
             high_size=tuple(source.shape),
             attention_size=tuple(logits.shape[-2:]),
             receptive_field=self.receptive_field,
             patch_size=source.patch_size,
         )
-        locations = mapping.top_left(indices)
+
+    def _read(
+        self, source: PatchSource, locations: Tensor, feature_cache: Any, device: torch.device
+    ) -> tuple[Tensor | None, Tensor]:
+        """Patches (B, N, C, p, p) (None when cached) and features (B, N, D) at ``locations``."""
+        batch, n = locations.shape[:2]
         if feature_cache is not None and self._cacheable(source):
-            patches, features = None, self._cached_features(source, locations, feature_cache)
-            features = features.to(x_low.device).view(batch, n, -1)
-        else:
-            patches = source.extract(locations)
-            if patches.shape[:2] != (batch, n):
-                raise ValueError(f"source returned {tuple(patches.shape)} for {batch} x {n} boxes")
-            patches = patches.to(device=x_low.device)
-            features = self._features(patches).view(batch, n, -1)
-        baseline = None if self.baseline_momentum is None else self.feature_mean.clone()
-        estimate = expectation(probs, features, indices, mode, baseline)
+            features = self._cached_features(source, locations, feature_cache)
+            return None, features.to(device).view(batch, n, -1)
+        patches = source.extract(locations)
+        if patches.shape[:2] != (batch, n):
+            raise ValueError(f"source returned {tuple(patches.shape)} for {batch} x {n} boxes")
+        patches = patches.to(device=device)
+        return patches, self._features(patches).view(batch, n, -1)
+
+    def _output(
+        self,
+        estimate: Tensor,
+        logits: Tensor,
+        probs: Tensor,
+        indices: Tensor,
+        locations: Tensor,
+        patches: Tensor | None,
+        features: Tensor,
+        zoom: ZoomOutput | None = None,
+    ) -> ATSOutput:
         if self.training and self.baseline_momentum is not None:
             with torch.no_grad():
                 self.feature_mean.lerp_(estimate.mean(dim=0), 1 - self.baseline_momentum)
         return ATSOutput(
             logits=self.head(estimate),
-            attention=probs.view(batch, *logits.shape[-2:]),
+            attention=probs.view(probs.shape[0], *logits.shape[-2:]),
             probs=probs,
             indices=indices,
             locations=locations,
             patches=patches,
             features=features,
+            zoom=zoom,
         )
+
+    def _zoom_forward(
+        self,
+        view: Tensor,
+        source: Any,
+        mask: Tensor | None,
+        n: int,
+        mode: str,
+        generator: torch.Generator | None,
+        feature_cache: Any,
+    ) -> ATSOutput:
+        """Two levels (:mod:`ats_wsi.zoom`): regions from level 0's cell map, ``n`` cells
+        inside each region from its view at ``zoom.region_mpp``, read, encoded, nested."""
+        zoom = self.zoom
+        assert zoom is not None
+        if view.shape[0] != 1:
+            raise ValueError(f"zoom-in sampling takes one sample at a time, got {view.shape[0]}")
+        if not hasattr(source, "read_regions"):
+            raise TypeError(f"{type(source).__name__} cannot read zoom-in regions")
+        logits = self.attention_net(view)
+        flat_mask = None if mask is None else mask.reshape(1, -1)
+        probs = attention_distribution(logits, flat_mask, self.smoothing)
+        regions_of = RegionGrid(tuple(logits.shape[-2:]), zoom.region_cells, zoom.region_stride)
+        every = regions_of.members().to(view.device)
+        rlogits, rmask = region_logits(logits.flatten(1), every, flat_mask)
+        region_probs = attention_distribution(rlogits[:, None], rmask, self.smoothing)
+        n0 = zoom.n_regions
+        if mode != "with_replacement":
+            n0 = min(n0, int((region_probs > 0).sum()))
+        regions = sample(region_probs, n0, mode, generator)
+        members = every[regions[0]]
+        mapping = self._mapping(view, source, logits)
+        top_left, box = mapping.block_boxes(regions_of.origin(regions[0]), zoom.region_cells)
+        scale = float(source.mpp) / zoom.region_mpp
+        out = (max(1, round(box[0] * scale)), max(1, round(box[1] * scale)))
+        rviews = source.read_regions(top_left[None], box, out)[0].to(view.device)
+        channels = view.shape[1]
+        rviews = rviews[:, :channels]
+        if self.normalize:
+            rviews = (rviews - self.input_mean) / self.input_std
+        side = zoom.region_cells
+        inner_logits = F.adaptive_avg_pool2d(self.zoom_net(rviews), (side, side))
+        inner_probs = attention_distribution(
+            inner_logits, cell_mask(members, flat_mask), self.smoothing
+        )
+        drawn = draw_in_regions(inner_probs, n, mode, generator)
+        tile_region = torch.cat(
+            [torch.full((len(d),), r, dtype=torch.long) for r, d in enumerate(drawn)]
+        ).to(view.device)
+        tile_cell = torch.cat(drawn)
+        cells = members[tile_region, tile_cell][None]
+        locations = mapping.top_left(cells)
+        patches, features = self._read_unique(source, locations, feature_cache, view.device)
+        baseline = None if self.baseline_momentum is None else self.feature_mean.clone()
+        estimate = zoom_expectation(
+            region_probs, regions, inner_probs, drawn, features[0], mode, baseline
+        )
+        info = ZoomOutput(
+            region_probs=region_probs,
+            regions=regions,
+            region_top_left=top_left,
+            region_box=box,
+            region_grid=regions_of.shape,
+            members=members,
+            cell_probs=inner_probs,
+            tile_region=tile_region,
+            tile_cell=tile_cell,
+            region_pixels=int(regions.shape[1] * out[0] * out[1]),
+        )
+        return self._output(estimate, logits, probs, cells, locations, patches, features, info)
+
+    def _read_unique(
+        self, source: PatchSource, locations: Tensor, feature_cache: Any, device: torch.device
+    ) -> tuple[Tensor | None, Tensor]:
+        """:meth:`_read`, each distinct box once (overlapping regions can draw a tile twice)."""
+        unique, inverse = torch.unique(locations[0], dim=0, return_inverse=True)
+        patches, features = self._read(source, unique[None], feature_cache, device)
+        return (None if patches is None else patches[:, inverse]), features[:, inverse]

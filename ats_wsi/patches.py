@@ -142,6 +142,8 @@ class TensorPatchSource:
     image is never materialised as floats (4x its size), the point of attention sampling.
     """
 
+    mpp = 1.0  # one unit per pixel: zoom-in region resolutions are in pixels of ``x_high``
+
     def __init__(self, x_high: Tensor, patch_size: int, fill: float = 0.0) -> None:
         if x_high.dim() != 4:
             raise ValueError(f"x_high must be (B, C, H, W), got {tuple(x_high.shape)}")
@@ -154,6 +156,18 @@ class TensorPatchSource:
         """(B, N, 2) top-left corners -> (B, N, C, patch_size, patch_size) patches."""
         patches = extract_patches(self.x, top_left, self.patch_size, self.fill)
         return patches.float().div_(255.0) if patches.dtype == torch.uint8 else patches
+
+    def read_regions(
+        self, top_left: Tensor, box: tuple[int, int], out_size: tuple[int, int]
+    ) -> Tensor:
+        """(B, N, 2) corners of ``box`` (h, w) boxes, each area-resampled to ``out_size`` (h, w)
+        -> float (B, N, C, h, w): the region views of zoom-in sampling."""
+        side = max(box)
+        crops = extract_patches(self.x, top_left, side, self.fill)[..., : box[0], : box[1]]
+        crops = crops.float().div_(255.0) if crops.dtype == torch.uint8 else crops.float()
+        b, n = crops.shape[:2]
+        flat = torch.nn.functional.interpolate(crops.flatten(0, 1), size=out_size, mode="area")
+        return flat.view(b, n, *flat.shape[1:])
 
     def __repr__(self) -> str:
         return (

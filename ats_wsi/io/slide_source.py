@@ -76,6 +76,8 @@ class SlidePatchSource(Closing):
             )
         self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="patches")
         self.reads = 0  # patches read so far (what a feature cache saves shows here)
+        self.region_reads = 0  # zoom-in regions read (read_regions)
+        self.region_pixels = 0  # their pixels at the region resolution
 
     def box_keys(self, top_left: Tensor) -> list[tuple[str, int, int, int, float]]:
         """(slide, x, y, level-0 size, patch mpp) of each (1, N, 2) (y, x) box: what identifies
@@ -108,6 +110,32 @@ class SlidePatchSource(Closing):
             out[0, i] = patch
         patches = torch.from_numpy(out).permute(0, 1, 4, 2, 3).contiguous()
         return patches.to(top_left.device).float().div_(255)
+
+    @property
+    def mpp(self) -> float:
+        """Level-0 microns per pixel (x), the unit of ``read_regions``' output sizes."""
+        return float(self.reader.mpp[0])
+
+    def read_regions(
+        self, top_left: Tensor, box: tuple[int, int], out_size: tuple[int, int]
+    ) -> Tensor:
+        """Level-0 boxes of ``box`` (h, w) at (1, N, 2) (y, x) corners, each resampled to
+        ``out_size`` (h, w) from the nearest pyramid level -> float32 (1, N, 3, h, w) in [0, 1].
+
+        One read per box (zoom-in regions: never the whole slide at that resolution);
+        counted in ``region_reads`` and ``region_pixels``.
+        """
+        corners = top_left.reshape(-1, 2).detach().to("cpu", torch.long).tolist()
+        (bh, bw), (oh, ow) = box, out_size
+
+        def read(yx: list[int]) -> np.ndarray:
+            return self.reader.read_box((yx[1], yx[0]), (bw, bh), (ow, oh))
+
+        out = np.stack(list(self._pool.map(read, corners)))[None]
+        self.region_reads += len(corners)
+        self.region_pixels += len(corners) * oh * ow
+        regions = torch.from_numpy(out).permute(0, 1, 4, 2, 3).contiguous()
+        return regions.to(top_left.device).float().div_(255)
 
     def close(self) -> None:
         """Stop the reader threads (the reader itself belongs to the caller)."""

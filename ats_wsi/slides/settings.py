@@ -25,6 +25,7 @@ __all__ = [
     "SlideSettings",
     "TrainConfig",
     "TrainSettings",
+    "ZoomSettings",
 ]
 
 # H&E pixels in [0, 1] are centred and scaled inside the models (fixed, not learnt, so that a
@@ -81,6 +82,23 @@ def _net(name: str, width: int) -> Any:
 
 
 @dataclass
+class ZoomSettings:
+    """Zoom-in sampling (``model.zoom:``; slides.md): ``n_regions`` 0 keeps one level.
+
+    Level 0 samples ``n_regions`` regions of ``region_cells`` x ``region_cells`` attention
+    cells (one every ``region_stride`` cells; 0: ``region_cells``); each is read once at
+    ``region_mpp`` um/px and scored by ``attention_net``; ``model.n_patches`` tiles are then
+    sampled inside each region.
+    """
+
+    n_regions: int = 0
+    region_cells: int = 4
+    region_stride: int = 0
+    region_mpp: float = 4.0
+    attention_net: dict[str, Any] | str = _net("histology", 8)
+
+
+@dataclass
 class ModelSettings:
     """The slide :class:`~ats_wsi.model.ATSModel` (``model:``); nets are registry specs."""
 
@@ -92,6 +110,7 @@ class ModelSettings:
     in_channels: int = 3
     input_mean: float | list[float] = HE_MEAN
     input_std: float | list[float] = HE_STD
+    zoom: ZoomSettings = field(default_factory=ZoomSettings)
 
 
 @dataclass
