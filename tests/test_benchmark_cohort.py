@@ -171,12 +171,64 @@ def test_quick_end_to_end(tmp_path: Path) -> None:
     assert main([*argv, "--figures", str(tmp_path / "figs")]) == 0
     payload = json.loads(out.read_text())
     methods = {r["method"] for r in payload["results"]}
-    assert methods == {"ats", "ats-plain", "random", "abmil", "abmil-lr2e-3", "mean", "lowres"}
+    assert methods == {
+        "ats", "ats-plain", "random", "zoom", "zoom-plain", "abmil", "abmil-lr2e-3", "mean",
+        "lowres",
+    }
     assert {g["N"] for g in payload["goal"]["per_n"]} == {4}
+    assert [z["name"] for z in payload["goal"]["zoom"]] == ["zoom_2x2"]
     for r in payload["results"]:
         assert 0.0 <= r["auc"] <= 1.0 and r["peak_rss_mb"] > 0
     ats = next(r for r in payload["results"] if r["method"] == "ats")
     assert ats["tiles_per_slide"] == 4 and ats["tile_fraction"] < 1
     # Training and test looked every sampled tile up in the extracted features: no read.
-    assert payload["raw"]["ats_4"]["cache_misses"] == {"train": 0, "test": 0}
+    raw = payload["raw"]["0"]
+    assert raw["ats_4"]["cache_misses"] == {"train": 0, "test": 0}
+    # Zoom reads its regions from the slide, but every tile it samples is an extracted one.
+    assert raw["zoom_2x2"]["cache_misses"] == {"train": 0, "test": 0}
+    zoom = next(r for r in payload["results"] if r["method"] == "zoom")
+    assert zoom["N"] == 4 and 0 < zoom["tiles_per_slide"] <= 4
+    assert 0 < zoom["zoom"]["region_tissue_fraction_max"] <= 1
+    assert zoom["pixel_fraction"] < 1 and zoom["zoom"]["region_px_per_slide"] > 0
+    assert set(zoom["auc_by_stratum"]) >= {"<200", "200-300", "300-1000"}
     assert (tmp_path / "figs" / "cohort_auc_vs_tiles.png").exists()
+
+
+def test_lesion_strata_auc_bins_positives_by_largest_lesion() -> None:
+    from ats_wsi.benchmarks.cohort_stats import lesion_strata_auc
+
+    rows = [
+        {"slide_id": "n0", "y": 0, "p": 0.1},
+        {"slide_id": "n1", "y": 0, "p": 0.6},
+        {"slide_id": "a", "y": 1, "p": 0.5},  # 150 um: < 200
+        {"slide_id": "b", "y": 1, "p": 0.9},  # 250 um: 200-300
+        {"slide_id": "c", "y": 1, "p": 0.7},  # 120 and 300 um: 300-1000
+    ]
+    diam = {"n0": [], "n1": [], "a": [150.0], "b": [250.0], "c": [120.0, 300.0]}
+    out = lesion_strata_auc(rows, diam)
+    assert out == {
+        "<200": 0.5, "n_<200": 1, "200-300": 1.0, "n_200-300": 1, "300-1000": 1.0,
+        "n_300-1000": 1,
+    }
+    assert lesion_strata_auc(rows[:2] + rows[3:], diam)["<200"] is None
+
+
+def test_aggregate_seeds_means_and_spreads() -> None:
+    def row(auc: float, cover: float) -> dict:
+        return {
+            "name": "zoom_4x4", "method": "zoom", "N": 16, "auc": auc, "auc_ci": [0, 1],
+            **{k: 1.0 for k in bc._SEED_MEAN if k != "auc"},
+            "lesion_hit_fraction": None,
+            "auc_by_stratum": {"<200": auc, "n_<200": 3}, "auc_by_lesion_size": {"small": None},
+            "zoom": {"region_tissue_fraction_max": cover, "region_px_per_slide": 10.0},
+        }
+
+    out = bc.aggregate_seeds([[row(0.8, 0.2)], [row(0.9, 0.3)], [row(1.0, 0.1)]])
+    (agg,) = out
+    assert agg["auc"] == pytest.approx(0.9) and agg["auc_sd"] == pytest.approx(0.1)
+    assert agg["auc_per_seed"] == [0.8, 0.9, 1.0] and agg["n_seeds"] == 3
+    assert agg["auc_by_stratum"]["<200"] == pytest.approx(0.9)
+    assert agg["auc_by_lesion_size"]["small"] is None and agg["lesion_hit_fraction"] is None
+    assert agg["zoom"]["region_tissue_fraction_max"] == 0.3  # the worst seed, not the mean
+    with pytest.raises(ValueError, match="same methods"):
+        bc.aggregate_seeds([[row(0.8, 0.2)], [{**row(0.8, 0.2), "name": "ats_16"}]])

@@ -74,6 +74,37 @@ def lesion_size_auc(
     return out
 
 
+STRATA_UM = (200.0, 300.0, 1000.0)  # CAMELYON-like: ITC-sized, small micro, larger
+
+
+def lesion_strata_auc(
+    rows: Sequence[dict[str, Any]],
+    diameters_um: dict[str, Sequence[float]],
+    edges_um: Sequence[float] = STRATA_UM,
+) -> dict[str, Any]:
+    """ROC AUC of all negative slides against the positive slides whose largest lesion falls
+    in each stratum ``[0, e0)``, ``[e0, e1)``, ... (keys like ``"<200"``, ``"200-300"``);
+    ``n_<key>`` counts the positives. None for an empty stratum."""
+    from sklearn.metrics import roc_auc_score
+
+    neg = [r["p"] for r in rows if r["y"] == 0]
+    bounds = [0.0, *edges_um]
+    keys = [f"<{edges_um[0]:.0f}"] + [
+        f"{lo:.0f}-{hi:.0f}" for lo, hi in zip(edges_um[:-1], edges_um[1:], strict=True)
+    ]
+    out: dict[str, Any] = {}
+    for key, lo, hi in zip(keys, bounds[:-1], bounds[1:], strict=True):
+        ps = [
+            r["p"]
+            for r in rows
+            if r["y"] == 1 and lo <= max(diameters_um[r["slide_id"]], default=0.0) < hi
+        ]
+        y = [0] * len(neg) + [1] * len(ps)
+        out[key] = float(roc_auc_score(y, neg + ps)) if ps and neg else None
+        out[f"n_{key}"] = len(ps)
+    return out
+
+
 def _localisation(rows: list[dict[str, Any]], cohort: Any, k: int | None = None) -> dict:
     """Fraction of a method's read tiles (first ``k``) inside a lesion, on positive slides."""
     from ats_wsi.slides.realistic_cohort import lesion_geometry, tile_lesion_fraction

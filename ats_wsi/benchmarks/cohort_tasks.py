@@ -231,14 +231,23 @@ def _ats_model(cfg: dict[str, Any], kind: str, n: int) -> Any:
     """The ATS model of ``kind`` (``ats``: tile-grid attention net; ``random``: a constant
     one) over the shared frozen encoder, sampling ``n`` tiles without replacement."""
     from ats_wsi.slides.engine import build_model
-    from ats_wsi.slides.settings import ModelSettings
+    from ats_wsi.slides.settings import ModelSettings, ZoomSettings
 
     pool = _pool(cfg["attention_mpp"])
     attention = (
-        {"name": "tile_pool", "width": 16, "pool": pool}
-        if kind == "ats"
-        else {"name": "uniform_tiles", "pool": pool}
+        {"name": "uniform_tiles", "pool": pool}
+        if kind == "random"
+        else {"name": "tile_pool", "width": 16, "pool": pool}
     )
+    zoom = ZoomSettings()
+    if kind == "zoom":
+        # Level 1 on the same tile grid inside each region, at region_mpp: one logit per tile.
+        zoom = ZoomSettings(
+            n_regions=int(cfg["n0"]),
+            region_cells=int(cfg["region_cells"]),
+            region_mpp=float(cfg["region_mpp"]),
+            attention_net={"name": "tile_pool", "width": 16, "pool": _pool(cfg["region_mpp"])},
+        )
     return build_model(
         ModelSettings(
             attention_net=attention,
@@ -246,6 +255,7 @@ def _ats_model(cfg: dict[str, Any], kind: str, n: int) -> Any:
             n_patches=n,
             sampler="without_replacement",
             smoothing=1e-4,
+            zoom=zoom,
         ),
         2,
         TILE_PX,
@@ -273,10 +283,11 @@ def _fit_ats(
     # Only trainable parameters (the attention net, the head); random-N has no attention ones.
     groups = param_groups(model, cfg["lr"], cfg["head_lr_multiplier"])
     optim = torch.optim.Adam([g for g in groups if g["params"]], lr=cfg["lr"])
-    epochs = cfg["epochs_ats"] if kind == "ats" else cfg["epochs_random"]
+    learnt = kind != "random"
+    epochs = cfg["epochs_ats"] if learnt else cfg["epochs_random"]
     step = TrainSettings(
-        entropy_lambda=cfg["entropy_lambda"] if kind == "ats" else 0.0,
-        distill_lambda=cfg["distill_lambda"] if kind == "ats" else 0.0,
+        entropy_lambda=cfg["entropy_lambda"] if learnt else 0.0,
+        distill_lambda=cfg["distill_lambda"] if learnt else 0.0,
         accumulate=cfg["accumulate"],
         clip_norm=1.0,
         progress=False,
@@ -325,7 +336,7 @@ def _test_ats(
     rows = []
     with torch.no_grad():
         for (_, item), rec in zip(views.iterate([r.path for r in test]), test, strict=True):
-            out, _ = slide_forward(
+            out, mask = slide_forward(
                 model,
                 item,
                 rec.path,
@@ -336,21 +347,37 @@ def _test_ats(
                 generator=slide_generator(cfg["seed"], rec.slide_id, 0),
                 feature_cache=cache,
             )
+            tiles = out.locations[0].unique(dim=0)
             row = {
                 "slide_id": rec.slide_id,
                 "y": rec.y,
                 "p": float(torch.softmax(out.logits, 1)[0, 1]),
                 "top_left": out.locations[0].tolist(),
+                # Pixels read per level: the view, the zoom regions, the distinct tiles.
+                "view_px": int(item.image.shape[0] * item.image.shape[1]),
+                "region_px": 0 if out.zoom is None else out.zoom.region_pixels,
+                "tile_px": int(len(tiles)) * TILE_PX * TILE_PX,
+                "tiles": int(len(tiles)),
             }
-            if kind == "ats" and rec.y == 1:
+            if out.zoom is not None:
+                row["region_tissue_fraction"] = _region_coverage(out.zoom.members, mask)
+                row["region_top_left"] = out.zoom.region_top_left.tolist()
+            if kind != "random" and rec.y == 1:
                 row["attention"] = out.attention[0].numpy().round(5).tolist()
             rows.append(row)
     return rows
 
 
+def _region_coverage(members: Any, mask: Any) -> float:
+    """Fraction of the slide's tissue cells inside the union of the sampled regions."""
+    cells = members[members >= 0].unique()
+    tissue = mask.reshape(-1)
+    return float(tissue[cells].sum() / tissue.sum().clamp_min(1))
+
+
 def _test_sampler(kind: str) -> str:
-    """Test: ATS reads its top-N cells (deterministic), random-N a seeded uniform draw."""
-    return "topk" if kind == "ats" else "without_replacement"
+    """Test: ATS / zoom read their top cells (deterministic), random-N a seeded uniform draw."""
+    return "without_replacement" if kind == "random" else "topk"
 
 
 def _deployment_timings(
@@ -528,7 +555,7 @@ def worker(cfg: dict[str, Any]) -> dict[str, Any]:
     task = cfg["task"]
     if task == "extract":
         return _extract_task(cfg)
-    if task in ("ats", "random"):
+    if task in ("ats", "random", "zoom"):
         return _ats_task(cfg)
     if task in ("abmil", "mean"):
         return _mil_task(cfg)
