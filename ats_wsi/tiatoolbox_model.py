@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -212,7 +212,10 @@ class ATSEngine:
             ``predictions`` (class index), ``pred_label``, ``attention`` (a_h, a_w),
             ``coordinates`` (N, 4) level-0 boxes ``x0, y0, x1, y1`` of the sampled patches in
             draw order, ``locations_xy`` (N, 2) their top-left corners, ``scores`` (N,),
-            ``patch_size_level0``, ``mask`` (a_h, a_w) or None, ``dimensions`` and ``mpp``;
+            ``patch_size_level0``, ``mask`` (a_h, a_w) or None, ``dimensions``, ``mpp``,
+            ``cost`` (pixels read per level, :class:`~ats_wsi.slides.costs.SlideCost` as a
+            dict) and ``zoom`` (a zoom model's regions, :class:`~ats_wsi.slides.costs.SlideZoom`
+            as a dict; None for one level);
             with ``"zarr"`` it is the path of the slide's zarr group.
         """
         if output_type not in ("dict", "zarr"):
@@ -309,4 +312,6 @@ class ATSEngine:
             "mask": res.mask,
             "dimensions": tuple(res.dimensions),
             "mpp": tuple(res.mpp),
+            "cost": None if res.cost is None else asdict(res.cost),
+            "zoom": None if res.zoom is None else asdict(res.zoom),
         }

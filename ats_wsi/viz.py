@@ -43,6 +43,7 @@ def save_attention_figure(
     patches: Any | None = None,
     title: str | None = None,
     max_patches: int = 10,
+    regions: Any | None = None,
 ) -> Path:
     """Save a PNG: low-res view, attention heatmap with the sampled boxes, patch gallery.
 
@@ -56,6 +57,8 @@ def save_attention_figure(
         patches: optional (N, C, p, p) patches, drawn in sampling order below.
         title: figure title (e.g. label and prediction).
         max_patches: at most this many gallery panels.
+        regions: optional (R, 4) zoom-in regions as top-left (y, x) and (h, w) in
+            full-resolution pixels, outlined (dashed) on the attention panel.
     """
     import matplotlib
 
@@ -82,6 +85,20 @@ def save_attention_figure(
     # The attention map may be smaller than the view (pooling, 'valid' convs): stretch it
     # over the view; cell-accurate placement is what the boxes show.
     ax_att.imshow(att, cmap="inferno", alpha=0.6, extent=(-0.5, w - 0.5, h - 0.5, -0.5))
+    boxes = np.zeros((0, 4)) if regions is None else _np(regions).reshape(-1, 4)
+    for i, (y, x, bh, bw) in enumerate(boxes):
+        ax_att.add_patch(
+            Rectangle(
+                (x * sx - 0.5, y * sy - 0.5),
+                bw * sx,
+                bh * sy,
+                fill=False,
+                edgecolor="lime",
+                linestyle="--",
+                linewidth=1.2,
+            )
+        )
+        ax_att.text(x * sx, (y + bh) * sy, f"R{i}", color="lime", fontsize=6, va="top")
     for i, (y, x) in enumerate(locs):
         ax_att.add_patch(
             Rectangle(
@@ -94,7 +111,8 @@ def save_attention_figure(
             )
         )
         ax_att.text(x * sx, y * sy, str(i), color="cyan", fontsize=6, va="bottom")
-    ax_att.set_title(f"attention (max {att.max():.2g}) + {len(locs)} patches")
+    regions_text = f", {len(boxes)} regions" if len(boxes) else ""
+    ax_att.set_title(f"attention (max {att.max():.2g}) + {len(locs)} patches{regions_text}")
     for ax in (ax_low, ax_att):
         ax.set_xticks([])
         ax.set_yticks([])

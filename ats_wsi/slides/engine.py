@@ -30,6 +30,7 @@ from ats_wsi.io.readers import SlideReader, open_slide
 from ats_wsi.model import ATSModel, ATSOutput
 from ats_wsi.nets import ConvStack
 from ats_wsi.settings import to_dict
+from ats_wsi.slides.costs import SlideCost, SlideZoom, Stopwatch
 from ats_wsi.slides.settings import (
     HE_MEAN,
     HE_STD,
@@ -41,8 +42,10 @@ from ats_wsi.training import check_finite
 
 __all__ = [
     "LowResBaseline",
+    "SlideCost",
     "SlideResult",
     "SlideSettings",
+    "SlideZoom",
     "ViewStore",
     "build_model",
     "classification_metrics",
@@ -52,6 +55,7 @@ __all__ = [
     "slide_forward",
     "slide_generator",
 ]
+
 
 def build_model(model: ModelSettings, num_classes: int, patch_size: int) -> ATSModel:
     """The slide :class:`ATSModel` from a config's ``model`` section: the one recipe the
@@ -334,6 +338,25 @@ def _optimizer_step(
     optimizer.zero_grad(set_to_none=True)
 
 
+def _distillation(out: ATSOutput, scores: Tensor, beta: float) -> Tensor:
+    """Score distillation of every level toward the head's scores of the tiles read: level
+    0's cell map over all tiles, and with zoom-in sampling each region's level-1 attention
+    over the tiles drawn in it (mean over regions)."""
+    loss = score_distillation(out.probs.float(), out.indices, scores, beta)
+    z = out.zoom
+    if z is None:
+        return loss
+    inner = []
+    for r in range(z.regions.shape[1]):
+        drawn = z.tile_region == r
+        inner.append(
+            score_distillation(
+                z.cell_probs[r : r + 1].float(), z.tile_cell[drawn][None], scores[:, drawn], beta
+            )
+        )
+    return loss + torch.stack(inner).mean()
+
+
 _EVAL_STEP = TrainSettings(entropy_lambda=0.0, accumulate=1, clip_norm=None)
 
 
@@ -409,8 +432,15 @@ def run_slides(
                 if kind == "ats":
                     gen = slide_generator(seed, rec.slide_id, epoch, device)
                     out, _ = slide_forward(
-                        model, item, item.path, settings, device, n_patches=n_patches,
-                        sampler=sampler, generator=gen, feature_cache=feature_cache,
+                        model,
+                        item,
+                        item.path,
+                        settings,
+                        device,
+                        n_patches=n_patches,
+                        sampler=sampler,
+                        generator=gen,
+                        feature_cache=feature_cache,
                     )
                     logits, att = out.logits, out.probs
                     if step.distill_lambda and train:
@@ -424,7 +454,7 @@ def run_slides(
             if step.entropy_lambda and att is not None:
                 loss = loss + step.entropy_lambda * entropy_regulariser(att.float())
             if step.distill_lambda and train and kind == "ats":
-                distill = score_distillation(att.float(), out.indices, scores, step.distill_beta)
+                distill = _distillation(out, scores, step.distill_beta)
                 loss = loss + step.distill_lambda * distill
             if train:
                 at = f"{where}, step {k // step.accumulate + 1}, slide {rec.slide_id}"
@@ -449,7 +479,10 @@ class SlideResult:
     """What inference produced for one slide (arrays are numpy, coordinates level-0).
 
     ``locations_xy`` are the top-left (x, y) of the sampled patches in draw order, ``scores``
-    their attention, ``patches`` (N, 3, p, p) float in [0, 1].
+    their attention (with zoom: each tile's probability under the nested distribution,
+    :meth:`~ats_wsi.model.ZoomOutput.tile_probability`), ``patches`` (N, 3, p, p) float in
+    [0, 1]. ``zoom`` holds the regions and level-1 attention (None for one level), ``cost``
+    what was read and computed.
     """
 
     probs: np.ndarray
@@ -464,6 +497,8 @@ class SlideResult:
     mpp: tuple[float, float]
     runtime_s: float
     features: np.ndarray | None = None  # (N, D) the sampled patches' features
+    zoom: SlideZoom | None = None
+    cost: SlideCost | None = None
 
     def summary(self) -> dict[str, Any]:
         """Plain-data fields for logs."""
@@ -471,6 +506,9 @@ class SlideResult:
         for k in ("attention", "mask", "locations_xy", "scores", "patches", "thumbnail", "probs"):
             d.pop(k)
         d.pop("features")
+        zoom = d.pop("zoom")
+        if zoom is not None:
+            d["regions"] = len(zoom["regions_xywh"])
         return d
 
 
@@ -490,39 +528,65 @@ def predict_slide(
     """Run one slide (a path, an open reader or a callable opening one), opened once.
 
     ``item`` is the slide's low-res view and tissue mask when already loaded (prefetched, or
-    with a user mask); otherwise it is read from the same reader. Raises the slide's I/O
-    errors; callers turn them into error rows.
+    with a user mask); otherwise it is read from the same reader. A zoom model's regions and
+    level-1 attention are in the result's ``zoom``. Raises the slide's I/O errors; callers
+    turn them into error rows.
     """
     device = torch.device(device)
     t0 = time.perf_counter()
     model.eval()
-    with opened(slide, settings) as reader:
-        if item is None:
-            path = slide if isinstance(slide, (str, os.PathLike)) else None
-            item = settings.loader().read(reader, path)
-        gen = slide_generator(seed, slide_id or item.path, 0, device)
-        out, mask = slide_forward(
-            model,
-            item,
-            reader,
-            settings,
-            device,
-            n_patches=n_patches,
-            sampler=sampler,
-            generator=gen,
-        )
+    core = _core(model)
+    watch = Stopwatch(getattr(core, "zoom_net", None))
+    try:
+        with opened(slide, settings) as reader:
+            if item is None:
+                path = slide if isinstance(slide, (str, os.PathLike)) else None
+                item = settings.loader().read(reader, path)
+            gen = slide_generator(seed, slide_id or item.path, 0, device)
+            out, mask = slide_forward(
+                model,
+                item,
+                reader,
+                settings,
+                device,
+                n_patches=n_patches,
+                sampler=sampler,
+                generator=gen,
+            )
+    finally:
+        watch.close()
     locations = out.locations[0].cpu().numpy()
+    zoom = None if out.zoom is None else SlideZoom.of(out, core.zoom.region_mpp)
+    if out.zoom is None:
+        scores = out.probs[0, out.indices[0]]
+        tiles = len(locations)
+    else:
+        scores = out.zoom.tile_probability()
+        tiles = len(np.unique(locations, axis=0))  # the model reads each distinct box once
+    side = int(out.patches.shape[-1])
+    runtime = time.perf_counter() - t0
+    cost = SlideCost(
+        view_px=int(item.image.shape[0] * item.image.shape[1]),
+        region_px=0 if out.zoom is None else int(out.zoom.region_pixels),
+        tile_px=tiles * side * side,
+        tiles_read=tiles,
+        regions_read=0 if zoom is None else len(zoom.regions_xywh),
+        level1_attention_s=None if zoom is None else watch.seconds,
+        runtime_s=runtime,
+    )
     return SlideResult(
         probs=torch.softmax(out.logits.float(), 1)[0].cpu().numpy(),
         attention=out.attention[0].float().cpu().numpy(),
         mask=None if mask is None else mask[0].numpy(),
         locations_xy=locations[:, ::-1].copy(),
-        scores=out.probs[0, out.indices[0]].float().cpu().numpy(),
+        scores=scores.float().cpu().numpy(),
         patches=out.patches[0].float().clamp(0, 1).cpu().numpy(),
         patch_size_level0=int(out.patches.shape[-1] * settings.patch_mpp / item.mpp[0] + 0.5),
         thumbnail=item.image,
         dimensions=item.dimensions,
         mpp=item.mpp,
-        runtime_s=time.perf_counter() - t0,
+        runtime_s=runtime,
         features=out.features[0].float().cpu().numpy(),
+        zoom=zoom,
+        cost=cost,
     )

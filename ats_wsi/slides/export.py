@@ -23,17 +23,31 @@ import numpy as np
 from ats_wsi.checkpoint import atomic_write_text
 
 __all__ = [
+    "COST_COLUMNS",
     "PredictionsCSV",
     "prediction_columns",
     "save_attention_zarr",
     "save_geojson",
     "save_heatmap",
     "summarise_predictions",
+    "zoom_arrays",
 ]
 
 
+COST_COLUMNS = (
+    "tiles_read",
+    "regions_read",
+    "view_px",
+    "region_px",
+    "tile_px",
+    "level1_attention_s",
+)
+"""What a prediction read (:class:`~ats_wsi.slides.engine.SlideCost`): the CSV's last columns."""
+
+
 def prediction_columns(classes: Sequence[str]) -> list[str]:
-    """CLAM's ``slide_id, Y, Y_hat, p_0..p_{C-1}`` followed by our extra columns."""
+    """CLAM's ``slide_id, Y, Y_hat, p_0..p_{C-1}`` followed by our extra columns, the
+    :data:`COST_COLUMNS` last (files written before them are upgraded on reopening)."""
     return [
         "slide_id",
         "Y",
@@ -50,6 +64,7 @@ def prediction_columns(classes: Sequence[str]) -> list[str]:
         "mpp_source",
         "runtime_s",
         "error",
+        *COST_COLUMNS,
     ]
 
 
@@ -59,7 +74,9 @@ class PredictionsCSV:
 
     Args:
         path: the CSV.
-        columns: header; an existing file must have the same header.
+        columns: header; an existing file must have the same header, or the same less
+            (some of) the :data:`COST_COLUMNS` at its end (written before they existed: it
+            is rewritten with them, empty, so runs resume across the upgrade).
         retry_errors: treat rows with a non-empty ``error`` as not done (they are dropped from
             the file, so the retried slide does not appear twice).
     """
@@ -140,7 +157,16 @@ class PredictionsCSV:
         if not rows:
             self._write_text(self._format(self.columns))
             return
-        if rows[0] != self.columns:
+        header = rows[0]
+        added = self.columns[len(header) :]
+        old = bool(added) and header == self.columns[: len(header)]
+        old = old and set(added) <= set(COST_COLUMNS)
+        if old:
+            # Written before the cost columns existed: their cells are empty, and the file
+            # is rewritten below with the full header so every row has every column.
+            pad = [""] * (len(self.columns) - len(header))
+            rows = [self.columns] + [r + pad if len(r) == len(header) else r for r in rows[1:]]
+        elif header != self.columns:
             raise ValueError(
                 f"{self.path}: existing header {rows[0]} differs from {self.columns}; "
                 "write to a new file or delete this one"
@@ -154,7 +180,7 @@ class PredictionsCSV:
                 continue
             self.done[record["slide_id"]] = record
             kept.append(row)
-        if cut != len(raw) or len(kept) != len(rows) - 1:
+        if old or cut != len(raw) or len(kept) != len(rows) - 1:
             body = "".join(self._format(r) for r in [self.columns, *kept])
             atomic_write_text(self.path, body)
 
@@ -293,10 +319,12 @@ def save_attention_zarr(
     *,
     patch_size: int,
     attrs: Mapping[str, Any] | None = None,
+    arrays: Mapping[str, np.ndarray] | None = None,
 ) -> Path:
     """A zarr v3 group: ``attention`` (a_h, a_w) float32, ``coords`` (N, 2) int64 level-0
     top-left (x, y) of the sampled patches in draw order, ``scores`` (N,) their attention,
-    and the class ``probabilities`` (C,) float32 when given."""
+    the class ``probabilities`` (C,) float32 when given, and any further ``arrays`` (e.g.
+    the zoom-in regions, :func:`zoom_arrays`) as they are."""
     import zarr
 
     group = zarr.open_group(Path(path), mode="w", zarr_format=3)
@@ -305,6 +333,8 @@ def save_attention_zarr(
     group.create_array("scores", data=np.asarray(scores, dtype=np.float32).reshape(-1))
     if probabilities is not None:
         group.create_array("probabilities", data=np.asarray(probabilities, dtype=np.float32))
+    for key, data in (arrays or {}).items():
+        group.create_array(key, data=np.asarray(data))
     group.attrs.update(
         {"patch_size_level0": int(patch_size), "coords_order": "x,y", **dict(attrs or {})}
     )
@@ -317,19 +347,63 @@ def save_geojson(
     scores: np.ndarray,
     patch_size: int,
     name: str = "ATS patch",
+    zoom: Any = None,
 ) -> Path:
     """Sampled patch boxes as a GeoJSON FeatureCollection QuPath imports (level-0 pixels).
 
     Each box is a closed Polygon with properties ``objectType: annotation``, a
     ``classification``, its ``attention`` and draw ``rank``, and the same two in QuPath's
     ``measurements`` map (which QuPath 0.4+ reads into the object's measurement list).
+
+    With ``zoom`` (a :class:`~ats_wsi.slides.engine.SlideZoom`) the sampled regions come
+    first, classified ``"ATS region"`` with ``level`` 0, their level-0 ``probability``,
+    ``rank`` and grid ``index``; each patch then also has ``level`` 1 and the ``region``
+    (rank) it was drawn in, and its ``attention`` is its nested probability.
     """
-    feats = []
+    feats = [] if zoom is None else _region_features(zoom)
+    tile_region = None if zoom is None else np.asarray(zoom.tile_region).reshape(-1)
     for rank, ((x, y), s) in enumerate(
         zip(np.asarray(locations_xy).reshape(-1, 2), np.asarray(scores).reshape(-1), strict=True)
     ):
         x, y, p = int(x), int(y), int(patch_size)
         ring = [[x, y], [x + p, y], [x + p, y + p], [x, y + p], [x, y]]
+        props: dict[str, Any] = {
+            "objectType": "annotation",
+            "name": f"{name} {rank}",
+            "classification": {"name": name, "color": [255, 64, 0]},
+            "attention": float(s),
+            "rank": rank,
+            "measurements": {"attention": float(s), "rank": rank},
+        }
+        if tile_region is not None:
+            region = int(tile_region[rank])
+            props.update(level=1, region=region)
+            props["measurements"].update(level=1, region=region)
+        feats.append(
+            {
+                "type": "Feature",
+                "geometry": {"type": "Polygon", "coordinates": [ring]},
+                "properties": props,
+            }
+        )
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"type": "FeatureCollection", "features": feats}))
+    return path
+
+
+REGION_NAME = "ATS region"
+
+
+def _region_features(zoom: Any, name: str = REGION_NAME) -> list[dict[str, Any]]:
+    """The zoom-in regions' level-0 boxes as QuPath annotations (see :func:`save_geojson`)."""
+    feats = []
+    boxes = np.asarray(zoom.regions_xywh).reshape(-1, 4)
+    for rank, ((x, y, w, h), p, index) in enumerate(
+        zip(boxes.tolist(), zoom.region_scores.tolist(), zoom.region_index.tolist(), strict=True)
+    ):
+        ring = [[x, y], [x + w, y], [x + w, y + h], [x, y + h], [x, y]]
+        measurements = {"probability": float(p), "rank": rank, "level": 0, "index": int(index)}
         feats.append(
             {
                 "type": "Feature",
@@ -337,14 +411,28 @@ def save_geojson(
                 "properties": {
                     "objectType": "annotation",
                     "name": f"{name} {rank}",
-                    "classification": {"name": name, "color": [255, 64, 0]},
-                    "attention": float(s),
+                    "classification": {"name": name, "color": [0, 160, 255]},
+                    "level": 0,
+                    "probability": float(p),
                     "rank": rank,
-                    "measurements": {"attention": float(s), "rank": rank},
+                    "index": int(index),
+                    "measurements": measurements,
                 },
             }
         )
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"type": "FeatureCollection", "features": feats}))
-    return path
+    return feats
+
+
+def zoom_arrays(zoom: Any) -> dict[str, np.ndarray]:
+    """A :class:`~ats_wsi.slides.engine.SlideZoom` as named arrays (zarr / h5 datasets):
+    ``regions`` (R, 4) int64 level-0 (x, y, w, h), ``region_scores`` (R,) float32 level-0
+    probabilities, ``region_index`` (R,) int64, ``region_attention`` (R, side, side) float32
+    level-1 attention, ``tile_region`` and ``tile_cell`` (T,) int64."""
+    return {
+        "regions": np.asarray(zoom.regions_xywh, dtype=np.int64).reshape(-1, 4),
+        "region_scores": np.asarray(zoom.region_scores, dtype=np.float32),
+        "region_index": np.asarray(zoom.region_index, dtype=np.int64),
+        "region_attention": np.asarray(zoom.region_attention, dtype=np.float32),
+        "tile_region": np.asarray(zoom.tile_region, dtype=np.int64),
+        "tile_cell": np.asarray(zoom.tile_cell, dtype=np.int64),
+    }

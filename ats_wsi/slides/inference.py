@@ -30,6 +30,7 @@ from ats_wsi.slides.export import (
     save_attention_zarr,
     save_geojson,
     summarise_predictions,
+    zoom_arrays,
 )
 from ats_wsi.slides.locks import DEFAULT_STALE_AFTER_S, SlideClaims
 from ats_wsi.slides.manifest import record_mpp
@@ -229,7 +230,8 @@ def write_prediction(
     """Complete a slide's CSV ``row`` from its result and write the artefacts ``options`` ask
     for under ``out``/{heatmaps, gallery, zarr, geojson}/<slide_id>.*: what every front end
     (``predict_slides``, the trainer's test split, :class:`~ats_wsi.tiatoolbox_model.ATSEngine`)
-    writes for a prediction. ``reader``, the open slide, gives ``mpp_source``."""
+    writes for a prediction. ``reader``, the open slide, gives ``mpp_source``. A zoom
+    model's regions go into every artefact (:func:`~ats_wsi.slides.export.zoom_arrays`)."""
     slide_id = row["slide_id"]
     settings = pred.settings
     y_hat = int(res.probs.argmax())
@@ -243,6 +245,7 @@ def write_prediction(
         pred_label=pred.classes[y_hat],
         n_patches=len(res.locations_xy),
         **{f"p_{i}": float(p) for i, p in enumerate(res.probs)},
+        **_cost_cells(res),
     )
     rf = int(getattr(pred.model, "receptive_field", 0))
     edges = cell_edges(res.attention.shape, res.thumbnail.shape[:2], res.dimensions, rf)
@@ -258,6 +261,7 @@ def write_prediction(
             res.locations_xy,
             res.scores,
             res.patch_size_level0,
+            zoom=res.zoom,
         )
         save_attention_tiles_geojson(
             out / "geojson" / f"{slide_id}.attention.geojson", res.attention, res.mask, edges
@@ -291,6 +295,7 @@ def _save_heatmap(
     else:  # no slide to read from: the attention view, enlarged
         image = _enlarged(res.thumbnail)
     p = res.probs
+    regions = "" if res.zoom is None else f" in {len(res.zoom.regions_xywh)} regions"
     save_attention_heatmap(
         path,
         image,
@@ -301,7 +306,8 @@ def _save_heatmap(
         locations_xy=res.locations_xy,
         patch_size=res.patch_size_level0,
         title=f"{slide_id}: {pred.classes[y_hat]} (p={float(p.max()):.2f}), "
-        f"{len(res.locations_xy)} patches",
+        f"{len(res.locations_xy)} patches{regions}",
+        regions_xywh=None if res.zoom is None else res.zoom.regions_xywh,
     )
 
 
@@ -320,6 +326,7 @@ def _save_gallery(path: Path, res: SlideResult, pred: Predictor, slide_id: str) 
         (res.dimensions[1], res.dimensions[0]),
         patches=res.patches,
         title=f"{slide_id}: {pred.classes[y_hat]} (p={float(p.max()):.2f})",
+        regions=None if res.zoom is None else res.zoom.regions_xywh[:, [1, 0, 3, 2]],
     )
 
 
@@ -341,18 +348,51 @@ def _save_zarr(path: Path, res: SlideResult, pred: Predictor, slide_id: str) -> 
             "dimensions_wh": list(res.dimensions),
             "classes": list(pred.classes),
             "predictions": int(res.probs.argmax()),
+            **_zoom_attrs(res),
         },
+        arrays=None if res.zoom is None else zoom_arrays(res.zoom),
     )
+
+
+def _zoom_attrs(res: SlideResult) -> dict[str, Any]:
+    """The zoom level's settings as attributes (nothing for one level)."""
+    if res.zoom is None:
+        return {}
+    return {
+        "region_mpp": res.zoom.region_mpp,
+        "region_grid": list(res.zoom.region_grid),
+        "regions_order": "x,y,w,h",
+    }
+
+
+def _cost_cells(res: SlideResult) -> dict[str, Any]:
+    """The CSV's cost columns (:data:`~ats_wsi.slides.export.COST_COLUMNS`)."""
+    c = res.cost
+    if c is None:
+        return {}
+    level1 = None if c.level1_attention_s is None else round(c.level1_attention_s, 4)
+    return {
+        "tiles_read": c.tiles_read,
+        "regions_read": c.regions_read,
+        "view_px": c.view_px,
+        "region_px": c.region_px,
+        "tile_px": c.tile_px,
+        "level1_attention_s": level1,
+    }
 
 
 def _save_h5(
     path: Path, res: SlideResult, settings: SlideSettings, slide_id: str, layout: str
 ) -> None:
-    """The sampled patches as a TRIDENT / CLAM patch h5 (``layout``: see write_patch_h5)."""
+    """The sampled patches as a TRIDENT / CLAM patch h5 (``layout``: see write_patch_h5);
+    with zoom also the :func:`~ats_wsi.slides.export.zoom_arrays` datasets (both tools read
+    only ``coords`` / ``features`` and ignore them)."""
     from ats_wsi.slides.interop import write_patch_h5
 
+    # Written whole under a temporary name, then renamed: readers never see half a file.
+    tmp = path.with_name(f".{path.name}.zoom") if res.zoom is not None else path
     write_patch_h5(
-        path,
+        tmp,
         res.locations_xy,
         patch_size=settings.patch_size,
         patch_size_level0=res.patch_size_level0,
@@ -364,6 +404,16 @@ def _save_h5(
         attention=res.scores,
         layout=layout,  # type: ignore[arg-type] - checked by write_patch_h5
     )
+    if res.zoom is None:
+        return
+    import h5py
+
+    with h5py.File(tmp, "a") as f:
+        for key, data in zoom_arrays(res.zoom).items():
+            f.create_dataset(key, data=data)
+        f["regions"].attrs.update(_zoom_attrs(res))
+        f["regions"].attrs["region_cells"] = int(res.zoom.region_attention.shape[-1])
+    os.replace(tmp, path)
 
 
 def _enlarged(image: np.ndarray, longest: int = HEATMAP_LONGEST_SIDE) -> np.ndarray:

@@ -129,6 +129,7 @@ def save_attention_heatmap(
     alpha: float = 0.6,
     cmap: str = "turbo",
     max_labels: int = 16,
+    regions_xywh: np.ndarray | None = None,
 ) -> Path:
     """The attention map over a slide image, with a colour bar and the sampled boxes, as PNG.
 
@@ -144,6 +145,7 @@ def save_attention_heatmap(
         locations_xy: (N, 2) level-0 top-left of the sampled patches, in draw order.
         patch_size: their side in level-0 pixels.
         title: text above the image.
+        regions_xywh: (R, 4) level-0 (x, y, w, h) zoom-in regions, outlined under the boxes.
     """
     import matplotlib
     from PIL import Image, ImageDraw
@@ -164,6 +166,12 @@ def save_attention_heatmap(
     if title:
         draw.text((left, 8), title, fill="black", font=font)
     sx, sy = w / dimensions[0], h / dimensions[1]
+    for x, y, rw, rh in np.asarray([] if regions_xywh is None else regions_xywh).reshape(-1, 4):
+        # Clipped to the image: an edge region's box may reach past the slide.
+        x1, y1 = min(left + (x + rw) * sx, left + w), min(top + (y + rh) * sy, top + h)
+        box = (max(left + x * sx, left), max(top + y * sy, top), x1, y1)
+        draw.rectangle(box, outline="black", width=5)
+        draw.rectangle(box, outline=(0, 200, 255), width=3)
     if locations_xy is not None and patch_size > 0:
         for rank, (x, y) in enumerate(np.asarray(locations_xy).reshape(-1, 2)):
             x0, y0 = left + x * sx, top + y * sy
