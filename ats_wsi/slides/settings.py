@@ -43,6 +43,8 @@ class DataSettings:
     test_fraction: float = 0.25
     mpp: float | None = None  # level-0 mpp of slides whose file and manifest give none
     mpp_override: bool = False  # the manifest's / data.mpp wins over metadata
+    # TRIDENT / CLAM feature h5s of the slides: train without reading or encoding their tiles.
+    features_dir: str | None = None
 
 
 @dataclass(frozen=True)

@@ -176,6 +176,10 @@ def fit_slides(
         if cache is not None:
             metrics["feature_cache_hit_rate"] = cache.hit_rate
             metrics["feature_cache_mb"] = cache.nbytes / 2**20
+            # Run totals (training and validation): boxes read and encoded, boxes from h5s.
+            metrics["feature_cache_misses"] = cache.misses
+            if hasattr(cache, "h5_hits"):
+                metrics["feature_h5_hits"] = cache.h5_hits
         return metrics
 
     def eval_step(epoch: int) -> dict[str, Any]:
@@ -377,6 +381,10 @@ def train(
             weight_decay=tcfg.weight_decay,
         )
         wrapped = _ddp(model, device, world)
+        cache = None
+        if cfg.data.features_dir:
+            cache = _h5_cache(cfg, model, [*train_recs, *val_recs], settings, rank, world)
+            results["features_h5"] = cache.summary
         history = fit_slides(
             "ats",
             wrapped,
@@ -394,6 +402,7 @@ def train(
             resume_run=resume_run,
             extra=extra,
             config=plain,
+            feature_cache=cache,
         )
         results["ats_history_epochs"] = len(history)
         if cfg.baseline.enabled:
@@ -411,6 +420,34 @@ def train(
     if world > 1:
         dist.barrier()
     return results
+
+
+def _h5_cache(
+    cfg: TrainConfig,
+    model: nn.Module,
+    records: Sequence[SlideRecord],
+    settings: SlideSettings,
+    rank: int,
+    world: int,
+) -> Any:
+    """The model's feature cache over the slides' TRIDENT / CLAM feature h5s
+    (``data.features_dir``); its ``summary`` goes to results.json."""
+    from ats_wsi.slides.features_h5 import h5_feature_cache
+
+    tcfg = _rank_cache_dir(cfg.train, rank, world)
+    cache = h5_feature_cache(
+        cfg.data.features_dir,
+        records,
+        settings,
+        model,
+        spec=cfg.model.feature_net,
+        max_bytes=int(max(tcfg.feature_cache_mb, 0) * 2**20),
+        path=tcfg.feature_cache_dir,
+    )
+    s = cache.summary
+    _log(tcfg, f"[ats] features from {s['dir']}: {s['slides']} slides, {s['tiles']} tiles, "
+         f"{len(s['skipped'])} without a usable h5")
+    return cache
 
 
 def _train_baseline(
