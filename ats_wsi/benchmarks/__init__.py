@@ -26,6 +26,7 @@ BENCHMARKS: dict[str, str] = {
     "mnist": "ats_wsi.benchmarks.mnist",
     "encoders": "ats_wsi.benchmarks.encoders",
     "cohort": "ats_wsi.benchmarks.cohort",
+    "camelyon": "ats_wsi.benchmarks.camelyon",
 }
 
 

@@ -312,6 +312,7 @@ def _method_row(
                 "region_tissue_fraction_mean": float(np.mean(cover)),
                 "region_tissue_fraction_max": float(np.max(cover)),
                 "region_px_per_slide": float(np.mean([r["region_px"] for r in rows])),
+                "level1_attention_s_per_slide": _mean(res.get("level1_attention_s", [])),
             }
     elif method in ("abmil", "abmil-lr2e-3", "mean"):
         read = fwd = mean_test_tiles

@@ -22,7 +22,7 @@ from typing import Any
 from ats_wsi.benchmarks.island_slides import SLIDE_MPP, make_slide
 from ats_wsi.benchmarks.workers import run_in_subprocess
 
-__all__ = ["HELP", "add_arguments", "run"]
+__all__ = ["HELP", "add_arguments", "extrapolate", "run"]
 
 HELP = "slide inference: ATS vs exhaustive tiling vs tiatoolbox"
 WORKER = "ats_wsi.benchmarks.slide_worker"
@@ -67,6 +67,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
 
 
+def extrapolate(r: dict[str, Any], patch_px: int) -> dict[str, Any]:
+    """Set a worker row's ``seconds``, ``pixels_read`` and ``extrapolated`` (in place).
+
+    A tiling row that ran a subset of its ``total_tiles`` is scaled up linearly: tile reading
+    and the net scale with the tile count (``tiles_s``), the mask (the rest) does not. An
+    ``ats`` row, or one that ran every tile, keeps its measured seconds.
+    """
+    total = r.get("total_tiles", r["tiles"])
+    r["extrapolated"] = r["method"] != "ats" and total > r["tiles"] > 0
+    if r["extrapolated"]:
+        factor = total / r["tiles"]
+        r["seconds"] = r["measured_s"] - r["tiles_s"] + r["tiles_s"] * factor
+        thumb_px = r["pixels_read"] - r["tiles"] * patch_px**2
+        r["pixels_read"] = int(thumb_px + total * patch_px**2)
+    else:
+        r["seconds"] = r["measured_s"]
+    return r
+
+
 def _fmt_mpx(px: float) -> str:
     return f"{px / 1e6:,.1f}"
 
@@ -108,17 +127,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for method in args.methods:
             cfg = {**base, "method": method, "size": size, "path": slides[size]["path"]}
             r = run_in_subprocess(WORKER, cfg)
-            total = r.get("total_tiles", r["tiles"])
-            r["extrapolated"] = method != "ats" and total > r["tiles"] > 0
-            if r["extrapolated"]:
-                # Tile reading and the net scale with the tile count; mask time does not.
-                factor = total / r["tiles"]
-                r["seconds"] = r["measured_s"] - r["tiles_s"] + r["tiles_s"] * factor
-                thumb_px = r["pixels_read"] - r["tiles"] * args.patch_px**2
-                r["pixels_read"] = int(thumb_px + total * args.patch_px**2)
-            else:
-                r["seconds"] = r["measured_s"]
-            rows.append(r)
+            rows.append(extrapolate(r, args.patch_px))
             print(
                 f"  {method:<10} {size:>7}: {r['seconds']:8.2f} s, "
                 f"{r['rss_peak_mb']:7.0f} MB" + ("  (extrapolated)" if r["extrapolated"] else "")

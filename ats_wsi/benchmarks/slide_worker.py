@@ -218,7 +218,8 @@ def _run_tiatoolbox(
     tile_mask[subset[:, 0] // side, subset[:, 1] // side] = 1
     wrapper = tiatoolbox_model_class()(model.feature_net, model.head)
     t0 = time.perf_counter()
-    wsi = OpenSlideWSIReader(path, mpp=(SLIDE_MPP, SLIDE_MPP))
+    mpp0 = cfg.get("slide_mpp", SLIDE_MPP)  # level-0 mpp (the island slides: SLIDE_MPP)
+    wsi = OpenSlideWSIReader(path, mpp=(mpp0, mpp0))
     engine = PatchPredictor(
         model=wrapper, batch_size=cfg["batch"], num_workers=0, device=str(device), verbose=False
     )
