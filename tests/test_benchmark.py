@@ -54,7 +54,9 @@ def test_loop_baseline_matches_gather() -> None:
 
 
 def test_registry_and_helpers() -> None:
-    assert list(BENCHMARKS) == ["core", "slide", "prefetch", "mnist", "encoders", "cohort"]
+    assert list(BENCHMARKS) == [
+        *("core", "slide", "prefetch", "mnist", "encoders", "cohort", "camelyon")
+    ]
     for name in BENCHMARKS:
         module = load(name)
         assert module.HELP and callable(module.add_arguments) and callable(module.run)
