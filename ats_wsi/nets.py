@@ -215,6 +215,56 @@ class AttentionNet(nn.Sequential):
         self.receptive_field = int(receptive_field)
         he_init_(self)
 
+    def tiling(self) -> tuple[int, int] | None:
+        """(halo, stride) in input pixels when the net is 'same' stride-1 convolutions,
+        ReLUs and non-overlapping pools (an output cell then depends on its ``stride`` x
+        ``stride`` input pixels plus ``halo`` on each side); None for anything else."""
+        halo, stride = 0, 1
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                k, st, dil = m.kernel_size, m.stride, m.dilation
+                if (m.padding != "same" and k != (1, 1)) or st != (1, 1) or dil != (1, 1):
+                    return None
+                halo += (max(k) // 2) * stride
+            elif isinstance(m, (nn.AvgPool2d, nn.MaxPool2d)):
+                k = m.kernel_size if isinstance(m.kernel_size, int) else max(m.kernel_size)
+                if m.stride not in (k, (k, k)) or m.padding not in (0, (0, 0)):
+                    return None
+                stride *= k
+            elif not isinstance(m, (nn.ReLU, nn.Sequential)):
+                return None
+        return halo, stride
+
+    def forward_blocks(self, x: Tensor, block: int = 1024) -> Tensor:
+        """``self(x)`` computed on blocks of about ``block`` x ``block`` input pixels with a
+        halo of real neighbours, so the activations of a whole slide's view are never held at
+        once (a 100k px slide at 16 um/px is a 3,072 px view: ~1.8 GB of activations in one
+        piece). Equal to ``self(x)`` up to float rounding; for inference (no autograd graph
+        is kept either way under ``torch.no_grad``). Nets without a :meth:`tiling`, and views
+        within one block, run whole."""
+        geo = self.tiling()
+        h, w = x.shape[-2:]
+        if geo is None or max(h, w) <= block:
+            return self(x)
+        halo, s = geo
+        pad = -(-halo // s) * s  # rounded up to whole output cells: pools stay aligned
+        step = max(s, block // s * s)
+        rows, cols = h // s * s, w // s * s  # what a floor-mode pool covers
+        out: Tensor | None = None
+        for y0 in range(0, rows, step):
+            y1 = min(y0 + step, rows)
+            for x0 in range(0, cols, step):
+                x1 = min(x0 + step, cols)
+                ya, xa = max(0, y0 - pad), max(0, x0 - pad)
+                part = self(x[..., ya : min(h, y1 + pad), xa : min(w, x1 + pad)])
+                r, c = (y0 - ya) // s, (x0 - xa) // s
+                part = part[..., r : r + (y1 - y0) // s, c : c + (x1 - x0) // s]
+                if out is None:
+                    out = part.new_empty((*part.shape[:-2], rows // s, cols // s))
+                out[..., y0 // s : y1 // s, x0 // s : x1 // s] = part
+        assert out is not None
+        return out
+
 
 class FeatureNet(nn.Sequential):
     """``nn.Sequential`` ending in :class:`L2Normalize`, with its ``out_dim``.

@@ -158,3 +158,22 @@ def test_convs_start_with_zero_bias() -> None:
         for m in build_attention_net(name, in_channels=channels).modules():
             if isinstance(m, nn.Conv2d):
                 assert torch.count_nonzero(m.bias) == 0
+
+
+@pytest.mark.parametrize(
+    ("name", "kw", "geometry"),
+    [("tile_pool", {"pool": 8}, (3, 8)), ("histology", {}, (2, 1)), ("sts", {}, None)],
+)
+def test_blockwise_attention_equals_the_whole_view(name, kw, geometry) -> None:
+    """Blocks with a halo of real neighbours give the whole-view logits (odd sizes, pool
+    remainders, blocks much smaller than the view); nets without a tiling run whole."""
+    from ats_wsi.nets import build_attention_net
+
+    torch.manual_seed(0)
+    net = build_attention_net(name, **kw).eval()
+    assert net.tiling() == geometry
+    x = torch.rand(1, 3, 301, 263)
+    with torch.no_grad():
+        whole, blocks = net(x), net.forward_blocks(x, block=64)
+    assert blocks.shape == whole.shape
+    torch.testing.assert_close(blocks, whole, rtol=1e-5, atol=1e-5)

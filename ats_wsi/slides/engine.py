@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from ats_wsi.attention import entropy_regulariser, score_distillation, tile_scores
 from ats_wsi.io import LowResItem, LowResLoader, Prefetcher, SlidePatchSource, mask_to_grid
 from ats_wsi.io.readers import SlideReader, open_slide
-from ats_wsi.model import ATSModel, ATSOutput
+from ats_wsi.model import ATSModel, ATSOutput, attention_logits
 from ats_wsi.nets import ConvStack
 from ats_wsi.settings import to_dict
 from ats_wsi.slides.costs import SlideCost, SlideZoom, Stopwatch
@@ -84,7 +84,7 @@ def attention_grid(net: nn.Module, low_shape: tuple[int, int, int], device: Any)
     c, h, w = (int(v) for v in low_shape)
     if (h, w) not in sizes:
         with torch.no_grad():
-            probe = net(torch.zeros(1, c, h, w, device=device))
+            probe = attention_logits(net, torch.zeros(1, c, h, w, device=device))
         sizes[(h, w)] = (int(probe.shape[-2]), int(probe.shape[-1]))
     return sizes[(h, w)]
 
