@@ -117,18 +117,21 @@ def test_two_level_slide_estimator_exactly_unbiased(case, mode, replacement, wit
         p0 = _prob(a0d, q0, replacement)
         inner = [_orders(torch.nonzero(inside[r]).flatten().tolist(), n1, replacement) for r in q0]
         for q1 in itertools.product(*inner):
-            p = p0 * torch.prod(torch.stack([_prob(a1d[r], q, replacement) for r, q in zip(q0, q1)]))
+            draws = list(zip(q0, q1, strict=True))
+            p = p0 * torch.prod(torch.stack([_prob(a1d[r], q, replacement) for r, q in draws]))
             regions = torch.tensor([q0])
             cells = [torch.tensor(q) for q in q1]
-            f = torch.cat([feats[members[r, torch.tensor(q)]] for r, q in zip(q0, q1)])
+            f = torch.cat([feats[members[r, torch.tensor(q)]] for r, q in draws])
             est = zoom_expectation(a0, regions, a1[list(q0)], cells, f, mode, c)
             value += p * est.detach()
             for acc, gr in zip(
-                grads, torch.autograd.grad((g * est).sum(), (l0, l1, feats), retain_graph=True)
+                grads,
+                torch.autograd.grad((g * est).sum(), (l0, l1, feats), retain_graph=True),
+                strict=True,
             ):
                 acc += p * gr
     torch.testing.assert_close(value, true.detach(), rtol=1e-9, atol=1e-12)
-    for got, want in zip(grads, true_grads):
+    for got, want in zip(grads, true_grads, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-11)
 
 
