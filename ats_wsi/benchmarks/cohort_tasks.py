@@ -329,6 +329,7 @@ def _test_ats(
     slides, the attention map)."""
     import torch
 
+    from ats_wsi.slides.costs import SlideCost
     from ats_wsi.slides.engine import slide_forward, slide_generator
 
     sampler = _test_sampler(kind)
@@ -347,17 +348,17 @@ def _test_ats(
                 generator=slide_generator(cfg["seed"], rec.slide_id, 0),
                 feature_cache=cache,
             )
-            tiles = out.locations[0].unique(dim=0)
+            # Pixels read per level: the view, the zoom regions, the tiles (predict's record).
+            cost = SlideCost.of(out, item.image.shape, TILE_PX)
             row = {
                 "slide_id": rec.slide_id,
                 "y": rec.y,
                 "p": float(torch.softmax(out.logits, 1)[0, 1]),
                 "top_left": out.locations[0].tolist(),
-                # Pixels read per level: the view, the zoom regions, the distinct tiles.
-                "view_px": int(item.image.shape[0] * item.image.shape[1]),
-                "region_px": 0 if out.zoom is None else out.zoom.region_pixels,
-                "tile_px": int(len(tiles)) * TILE_PX * TILE_PX,
-                "tiles": int(len(tiles)),
+                "view_px": cost.view_px,
+                "region_px": cost.region_px,
+                "tile_px": cost.tile_px,
+                "tiles": cost.tiles_read,
             }
             if out.zoom is not None:
                 row["region_tissue_fraction"] = _region_coverage(out.zoom.members, mask)

@@ -87,6 +87,29 @@ class SlideCost:
     level1_attention_s: float | None
     runtime_s: float
 
+    @classmethod
+    def of(
+        cls,
+        out: ATSOutput,
+        view_shape: tuple[int, ...],
+        patch_px: int,
+        level1_attention_s: float | None = None,
+        runtime_s: float = 0.0,
+    ) -> SlideCost:
+        """From a forward's output, the (h, w, ...) of its view and the tile side read."""
+        locations = out.locations[0]
+        # With zoom the model reads each distinct box once (overlapping regions).
+        tiles = len(locations) if out.zoom is None else len(locations.unique(dim=0))
+        return cls(
+            view_px=int(view_shape[0] * view_shape[1]),
+            region_px=0 if out.zoom is None else int(out.zoom.region_pixels),
+            tile_px=tiles * patch_px * patch_px,
+            tiles_read=tiles,
+            regions_read=0 if out.zoom is None else int(out.zoom.regions.shape[1]),
+            level1_attention_s=None if out.zoom is None else level1_attention_s,
+            runtime_s=runtime_s,
+        )
+
 
 class Stopwatch:
     """Seconds spent in a module's forward, by hooks (no change to the module)."""

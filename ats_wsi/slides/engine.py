@@ -559,21 +559,11 @@ def predict_slide(
     zoom = None if out.zoom is None else SlideZoom.of(out, core.zoom.region_mpp)
     if out.zoom is None:
         scores = out.probs[0, out.indices[0]]
-        tiles = len(locations)
     else:
         scores = out.zoom.tile_probability()
-        tiles = len(np.unique(locations, axis=0))  # the model reads each distinct box once
     side = int(out.patches.shape[-1])
     runtime = time.perf_counter() - t0
-    cost = SlideCost(
-        view_px=int(item.image.shape[0] * item.image.shape[1]),
-        region_px=0 if out.zoom is None else int(out.zoom.region_pixels),
-        tile_px=tiles * side * side,
-        tiles_read=tiles,
-        regions_read=0 if zoom is None else len(zoom.regions_xywh),
-        level1_attention_s=None if zoom is None else watch.seconds,
-        runtime_s=runtime,
-    )
+    cost = SlideCost.of(out, item.image.shape, side, watch.seconds, runtime)
     return SlideResult(
         probs=torch.softmax(out.logits.float(), 1)[0].cpu().numpy(),
         attention=out.attention[0].float().cpu().numpy(),
