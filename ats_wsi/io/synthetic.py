@@ -2,9 +2,9 @@
 
 :func:`write_pyramidal_tiff` never holds a level in memory: level-0 tiles come from an array-like
 (numpy, ``np.memmap``, zarr) or a function, and each coarser level is accumulated, already halved,
-in a temporary memory-mapped file next to the output while the finer level is written. That is
-what lets a 100,000 x 100,000 pyramid be generated on a laptop (the temporary files take a third
-of level 0's raw size on disk).
+in a temporary raw file next to the output while the finer level is written, one strip of rows
+at a time. That is what lets a 100,000 x 100,000 pyramid be generated on a laptop (the temporary
+files take a third of level 0's raw size on disk).
 """
 
 from __future__ import annotations
@@ -98,14 +98,11 @@ def write_pyramidal_tiff(
         read = read0
         for level in range(n_levels):
             h, w = height >> level, width >> level
-            nxt = None
-            if level + 1 < n_levels:
-                nxt = np.lib.format.open_memmap(
-                    Path(tmp) / f"level{level + 1}.npy",
-                    mode="w+",
-                    dtype=np.uint8,
-                    shape=(h // 2, w // 2, 3),
-                )
+            nxt = (
+                _LevelFile(Path(tmp) / f"level{level + 1}.raw", w // 2)
+                if level + 1 < n_levels
+                else None
+            )
             tif.write(
                 _tiles(read, h, w, tile, nxt),
                 shape=(h, w, 3),
@@ -118,13 +115,7 @@ def write_pyramidal_tiff(
                 **_resolution_tags(mpp_xy, level),
             )
             if nxt is not None:
-                nxt.flush()
-                arr = nxt
-
-                def read(y: int, x: int, hh: int, ww: int, arr: np.ndarray = arr) -> np.ndarray:
-                    return arr[y : y + hh, x : x + ww]
-
-            del nxt
+                read = nxt.reader()
     return path
 
 
@@ -164,12 +155,47 @@ def _resolution_tags(mpp_xy: tuple[float, float] | None, level: int) -> dict[str
     }
 
 
+class _LevelFile:
+    """A coarser level written strip by strip to a raw file and read back strip by strip.
+
+    Only one strip of rows is in memory at a time; a memory map would count every page touched
+    in the writer's resident memory (a 100k px slide's level 1 is 7 GB).
+    """
+
+    def __init__(self, path: Path, width: int) -> None:
+        self.path, self.width = path, width
+        self._file = open(path, "wb")  # closed by reader()
+
+    def append(self, rows: np.ndarray) -> None:
+        self._file.write(np.ascontiguousarray(rows, dtype=np.uint8).tobytes())
+
+    def reader(self) -> TileFn:
+        """A :data:`TileFn` over the finished level (reads a strip once, in row-major order)."""
+        self._file.close()
+        row_bytes = self.width * 3
+        strip: dict[tuple[int, int], np.ndarray] = {}
+
+        def read(y: int, x: int, hh: int, ww: int) -> np.ndarray:
+            if (y, hh) not in strip:
+                strip.clear()
+                with open(self.path, "rb") as f:
+                    f.seek(y * row_bytes)
+                    data = np.fromfile(f, dtype=np.uint8, count=hh * row_bytes)
+                strip[(y, hh)] = data.reshape(hh, self.width, 3)
+            return strip[(y, hh)][:, x : x + ww]
+
+        return read
+
+
 def _tiles(
-    read: TileFn, height: int, width: int, tile: int, coarser: np.ndarray | None
+    read: TileFn, height: int, width: int, tile: int, coarser: _LevelFile | None
 ) -> Iterator[np.ndarray]:
-    """Full-size (tile, tile, 3) tiles in row-major order; fills ``coarser`` as a side effect."""
+    """Full-size (tile, tile, 3) tiles in row-major order; appends ``coarser``'s rows as a side
+    effect (one halved strip per row of tiles)."""
     for y in range(0, height, tile):
         th = min(tile, height - y)
+        # tile is even, so each row of tiles maps onto whole rows of the next level.
+        strip = np.zeros((th // 2, width // 2, 3), np.uint8) if coarser is not None else None
         for x in range(0, width, tile):
             tw = min(tile, width - x)
             block = np.asarray(read(y, x, th, tw), dtype=np.uint8)
@@ -177,10 +203,12 @@ def _tiles(
                 raise ValueError(
                     f"tile at ({y}, {x}) has shape {block.shape}, expected {(th, tw, 3)}"
                 )
-            if coarser is not None:
-                # tile is even, so each tile maps onto whole pixels of the next level.
+            if strip is not None:
                 small = halve(block)
-                coarser[y // 2 : y // 2 + small.shape[0], x // 2 : x // 2 + small.shape[1]] = small
+                strip[:, x // 2 : x // 2 + small.shape[1]] = small
+                if x + tile >= width:
+                    # Before the yield: tifffile stops pulling after the last tile.
+                    coarser.append(strip)
             if th == tile and tw == tile:
                 yield block
             else:

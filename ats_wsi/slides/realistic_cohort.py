@@ -18,7 +18,7 @@ What is real and what is synthetic:
   contour of the blend) are saved as GeoJSON in level-0 pixels.
 
 Slides are tiled pyramidal TIFFs (JPEG tiles of 256 px, every 2x level, resolution tags
-OpenSlide reads) at 0.5 um/px, written strip by strip through
+OpenSlide reads) at 0.5 um/px, written block by block through
 :func:`~ats_wsi.io.synthetic.write_pyramidal_tiff`: no level is ever held whole in memory.
 A cohort is cached under ``<cache_dir>/realistic-v<version>-<hash of the config>``; each slide
 is written atomically, so an interrupted build resumes where it stopped.
@@ -55,7 +55,7 @@ from ats_wsi.slides.realistic_outlines import (
 from ats_wsi.slides.realistic_plan import Bank as Bank
 from ats_wsi.slides.realistic_plan import Layer as Layer
 from ats_wsi.slides.realistic_plan import Lesion, SlidePlan, plan_slide
-from ats_wsi.slides.realistic_render import render_region, write_slide
+from ats_wsi.slides.realistic_render import render_region, strip_noise, write_slide
 from ats_wsi.slides.realistic_sources import (
     NORMAL_SOURCES,
     TUMOUR_SOURCES,
@@ -79,10 +79,12 @@ __all__ = [
     "make_cohort",
     "plan_slide",
     "render_region",
+    "strip_noise",
     "save_thumbnail",
     "tile_lesion_fraction",
     "write_slide",
 ]
+
 
 @dataclass
 class Cohort:
