@@ -21,12 +21,14 @@ from ats_wsi.zoom import RegionGrid, cell_mask, draw_in_regions, region_logits, 
 __all__ = ["ATSModel", "ATSOutput", "ZoomLevel", "ZoomOutput", "attend", "attention_logits"]
 
 
-def attention_logits(net: nn.Module, view: Tensor) -> Tensor:
+def attention_logits(net: nn.Module, view: Tensor, mask: Tensor | None = None) -> Tensor:
     """``net(view)``; without autograd, block by block when the net supports it
     (:meth:`~ats_wsi.nets.AttentionNet.forward_blocks`), so inference on a whole slide's view
-    never holds all its activations at once."""
+    never holds all its activations at once, and blocks with no cell of ``mask`` (bool
+    (B, h, w), True = may be sampled) are skipped: their cells, which get probability 0
+    anyway, have logit 0."""
     if not torch.is_grad_enabled() and hasattr(net, "forward_blocks"):
-        return net.forward_blocks(view)
+        return net.forward_blocks(view, keep=mask)
     return net(view)
 
 
@@ -44,7 +46,7 @@ def attend(
     ``n`` is capped at the cells with non-zero probability for samplers that draw distinct
     cells; counted on probs, not the mask, because an unsmoothed softmax can underflow to 0.
     """
-    logits = attention_logits(attention_net, view)
+    logits = attention_logits(attention_net, view, mask)
     probs = attention_distribution(logits, mask, smoothing)
     if mode != "with_replacement":
         n = min(n, int((probs > 0).sum(dim=1).min()))
@@ -390,7 +392,7 @@ class ATSModel(nn.Module):
             raise ValueError(f"zoom-in sampling takes one sample at a time, got {view.shape[0]}")
         if not hasattr(source, "read_regions"):
             raise TypeError(f"{type(source).__name__} cannot read zoom-in regions")
-        logits = attention_logits(self.attention_net, view)
+        logits = attention_logits(self.attention_net, view, mask)
         flat_mask = None if mask is None else mask.reshape(1, -1)
         probs = attention_distribution(logits, flat_mask, self.smoothing)
         regions_of = RegionGrid(tuple(logits.shape[-2:]), zoom.region_cells, zoom.region_stride)

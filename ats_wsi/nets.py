@@ -235,34 +235,44 @@ class AttentionNet(nn.Sequential):
                 return None
         return halo, stride
 
-    def forward_blocks(self, x: Tensor, block: int = 1024) -> Tensor:
+    def forward_blocks(self, x: Tensor, block: int = 256, keep: Tensor | None = None) -> Tensor:
         """``self(x)`` computed on blocks of about ``block`` x ``block`` input pixels with a
         halo of real neighbours, so the activations of a whole slide's view are never held at
         once (a 100k px slide at 16 um/px is a 3,072 px view: ~1.8 GB of activations in one
         piece). Equal to ``self(x)`` up to float rounding; for inference (no autograd graph
         is kept either way under ``torch.no_grad``). Nets without a :meth:`tiling`, and views
-        within one block, run whole."""
+        within one block, run whole.
+
+        ``keep``: optional bool (B, h_out, w_out) of the output cells that matter (the tissue
+        cells); a block with none is not computed and its cells are 0. Background is most of a
+        slide's view, so this is most of the attention net's time on a whole slide.
+        """
         geo = self.tiling()
         h, w = x.shape[-2:]
-        if geo is None or max(h, w) <= block:
+        if geo is None or (max(h, w) <= block and keep is None):
             return self(x)
         halo, s = geo
         pad = -(-halo // s) * s  # rounded up to whole output cells: pools stay aligned
         step = max(s, block // s * s)
         rows, cols = h // s * s, w // s * s  # what a floor-mode pool covers
+        if keep is not None and tuple(keep.shape[-2:]) != (rows // s, cols // s):
+            keep = None  # not this net's grid: compute every block
         out: Tensor | None = None
         for y0 in range(0, rows, step):
             y1 = min(y0 + step, rows)
             for x0 in range(0, cols, step):
                 x1 = min(x0 + step, cols)
+                if keep is not None and not keep[..., y0 // s : y1 // s, x0 // s : x1 // s].any():
+                    continue
                 ya, xa = max(0, y0 - pad), max(0, x0 - pad)
                 part = self(x[..., ya : min(h, y1 + pad), xa : min(w, x1 + pad)])
                 r, c = (y0 - ya) // s, (x0 - xa) // s
                 part = part[..., r : r + (y1 - y0) // s, c : c + (x1 - x0) // s]
                 if out is None:
-                    out = part.new_empty((*part.shape[:-2], rows // s, cols // s))
+                    out = part.new_zeros((*part.shape[:-2], rows // s, cols // s))
                 out[..., y0 // s : y1 // s, x0 // s : x1 // s] = part
-        assert out is not None
+        if out is None:  # nothing kept: the (B, 1, h, w) logits of an all-masked view
+            out = x.new_zeros((x.shape[0], 1, rows // s, cols // s))
         return out
 
 

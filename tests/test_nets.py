@@ -177,3 +177,49 @@ def test_blockwise_attention_equals_the_whole_view(name, kw, geometry) -> None:
         whole, blocks = net(x), net.forward_blocks(x, block=64)
     assert blocks.shape == whole.shape
     torch.testing.assert_close(blocks, whole, rtol=1e-5, atol=1e-5)
+
+
+def test_blockwise_attention_skips_blocks_without_kept_cells() -> None:
+    """With ``keep``, blocks holding no kept cell are not run (their cells are 0), every
+    block holding one is, and the masked attention distribution is unchanged."""
+    from ats_wsi.attention import attention_distribution
+    from ats_wsi.nets import build_attention_net
+
+    torch.manual_seed(0)
+    net = build_attention_net("tile_pool", pool=8).eval()
+    x = torch.rand(1, 3, 301, 263)
+    keep = torch.zeros(1, 37, 32, dtype=torch.bool)
+    keep[0, 2:6, 3:8] = True  # inside the first block (64 px = 8 cells a side)
+    keep[0, 30, 31] = True  # one cell in the last block
+    calls = []
+    net.register_forward_hook(lambda m, i, o: calls.append(i[0].shape))
+    with torch.no_grad():
+        whole = net(x)
+        calls.clear()
+        blocks = net.forward_blocks(x, block=64, keep=keep)
+    assert blocks.shape == whole.shape and len(calls) == 2  # of 5 x 4 blocks
+    torch.testing.assert_close(blocks[0, 0][keep[0]], whole[0, 0][keep[0]], rtol=1e-5, atol=1e-5)
+    assert blocks[0, 0, 8:24].abs().sum() == 0  # skipped rows of blocks
+    torch.testing.assert_close(
+        attention_distribution(blocks, keep),
+        attention_distribution(whole, keep),
+        rtol=1e-5,
+        atol=1e-7,
+    )
+    with torch.no_grad():  # a mask on another grid is ignored: every block runs
+        calls.clear()
+        net.forward_blocks(x, block=64, keep=torch.ones(1, 5, 5, dtype=torch.bool))
+    assert len(calls) == 20
+
+
+@pytest.mark.parametrize("name, kw", [("tile_pool", {"pool": 8}), ("histology", {}), ("sts", {})])
+def test_attention_grid_matches_the_net_output(name, kw) -> None:
+    """The grid read from a net's tiling (no probe forward) is the shape the net outputs."""
+    from ats_wsi.nets import build_attention_net
+    from ats_wsi.slides.engine import attention_grid
+
+    net = build_attention_net(name, **kw).eval()
+    for h, w in [(301, 263), (64, 64), (97, 130)]:
+        with torch.no_grad():
+            expected = tuple(net(torch.zeros(1, 3, h, w)).shape[-2:])
+        assert attention_grid(net, (3, h, w), "cpu") == expected

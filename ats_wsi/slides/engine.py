@@ -79,9 +79,14 @@ _GRIDS: weakref.WeakKeyDictionary[nn.Module, dict[tuple[int, int], tuple[int, in
 
 
 def attention_grid(net: nn.Module, low_shape: tuple[int, int, int], device: Any) -> tuple[int, int]:
-    """(a_h, a_w) of ``net``'s map for a (C, h, w) view (probed once per net and size)."""
-    sizes = _GRIDS.setdefault(net, {})
+    """(a_h, a_w) of ``net``'s map for a (C, h, w) view: from its :meth:`tiling` when it has
+    one, else probed once per net and size (every slide of a cohort has its own size, and a
+    probe is a forward over a whole view)."""
     c, h, w = (int(v) for v in low_shape)
+    geo = net.tiling() if hasattr(net, "tiling") else None
+    if geo is not None:
+        return h // geo[1], w // geo[1]
+    sizes = _GRIDS.setdefault(net, {})
     if (h, w) not in sizes:
         with torch.no_grad():
             probe = attention_logits(net, torch.zeros(1, c, h, w, device=device))
