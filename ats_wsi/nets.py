@@ -235,13 +235,15 @@ class AttentionNet(nn.Sequential):
                 return None
         return halo, stride
 
-    def forward_blocks(self, x: Tensor, block: int = 256, keep: Tensor | None = None) -> Tensor:
+    def forward_blocks(
+        self, x: Tensor, block: int = 256, keep: Tensor | None = None, whole: int = 1024
+    ) -> Tensor:
         """``self(x)`` computed on blocks of about ``block`` x ``block`` input pixels with a
         halo of real neighbours, so the activations of a whole slide's view are never held at
         once (a 100k px slide at 16 um/px is a 3,072 px view: ~1.8 GB of activations in one
         piece). Equal to ``self(x)`` up to float rounding; for inference (no autograd graph
         is kept either way under ``torch.no_grad``). Nets without a :meth:`tiling`, and views
-        within one block, run whole.
+        within ``whole`` pixels a side (every cohort and demo slide's view), run in one piece.
 
         ``keep``: optional bool (B, h_out, w_out) of the output cells that matter (the tissue
         cells); a block with none is not computed and its cells are 0. Background is most of a
@@ -249,7 +251,7 @@ class AttentionNet(nn.Sequential):
         """
         geo = self.tiling()
         h, w = x.shape[-2:]
-        if geo is None or (max(h, w) <= block and keep is None):
+        if geo is None or max(h, w) <= whole:
             return self(x)
         halo, s = geo
         pad = -(-halo // s) * s  # rounded up to whole output cells: pools stay aligned

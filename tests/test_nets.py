@@ -174,7 +174,7 @@ def test_blockwise_attention_equals_the_whole_view(name, kw, geometry) -> None:
     assert net.tiling() == geometry
     x = torch.rand(1, 3, 301, 263)
     with torch.no_grad():
-        whole, blocks = net(x), net.forward_blocks(x, block=64)
+        whole, blocks = net(x), net.forward_blocks(x, block=64, whole=64)
     assert blocks.shape == whole.shape
     torch.testing.assert_close(blocks, whole, rtol=1e-5, atol=1e-5)
 
@@ -196,7 +196,7 @@ def test_blockwise_attention_skips_blocks_without_kept_cells() -> None:
     with torch.no_grad():
         whole = net(x)
         calls.clear()
-        blocks = net.forward_blocks(x, block=64, keep=keep)
+        blocks = net.forward_blocks(x, block=64, keep=keep, whole=64)
     assert blocks.shape == whole.shape and len(calls) == 2  # of 5 x 4 blocks
     torch.testing.assert_close(blocks[0, 0][keep[0]], whole[0, 0][keep[0]], rtol=1e-5, atol=1e-5)
     assert blocks[0, 0, 8:24].abs().sum() == 0  # skipped rows of blocks
@@ -208,8 +208,12 @@ def test_blockwise_attention_skips_blocks_without_kept_cells() -> None:
     )
     with torch.no_grad():  # a mask on another grid is ignored: every block runs
         calls.clear()
-        net.forward_blocks(x, block=64, keep=torch.ones(1, 5, 5, dtype=torch.bool))
+        net.forward_blocks(x, block=64, keep=torch.ones(1, 5, 5, dtype=torch.bool), whole=64)
     assert len(calls) == 20
+    with torch.no_grad():  # a view within `whole` runs in one piece, as before blocks existed
+        calls.clear()
+        torch.testing.assert_close(net.forward_blocks(x, keep=keep), whole, rtol=0, atol=0)
+    assert len(calls) == 1
 
 
 @pytest.mark.parametrize("name, kw", [("tile_pool", {"pool": 8}), ("histology", {}), ("sts", {})])
