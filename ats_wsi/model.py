@@ -3,6 +3,7 @@ sampling over a second level (ATS_SPEC 1.5, :mod:`ats_wsi.zoom`)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,15 +22,21 @@ from ats_wsi.zoom import RegionGrid, cell_mask, draw_in_regions, region_logits, 
 __all__ = ["ATSModel", "ATSOutput", "ZoomLevel", "ZoomOutput", "attend", "attention_logits"]
 
 
-def attention_logits(net: nn.Module, view: Tensor, mask: Tensor | None = None) -> Tensor:
-    """``net(view)``; without autograd, block by block when the net supports it
+def attention_logits(
+    net: nn.Module,
+    view: Tensor,
+    mask: Tensor | None = None,
+    prep: Callable[[Tensor], Tensor] | None = None,
+) -> Tensor:
+    """``net(prep(view))``; without autograd, block by block when the net supports it
     (:meth:`~ats_wsi.nets.AttentionNet.forward_blocks`), so inference on a whole slide's view
-    never holds all its activations at once, and blocks with no cell of ``mask`` (bool
-    (B, h, w), True = may be sampled) are skipped: their cells, which get probability 0
-    anyway, have logit 0."""
+    never holds all its activations (nor a float copy of the view) at once, and blocks with no
+    cell of ``mask`` (bool (B, h, w), True = may be sampled) are skipped: their cells, which
+    get probability 0 anyway, have logit 0. ``prep``: elementwise input preparation (uint8 to
+    [0, 1], normalisation), applied to each block."""
     if not torch.is_grad_enabled() and hasattr(net, "forward_blocks"):
-        return net.forward_blocks(view, keep=mask)
-    return net(view)
+        return net.forward_blocks(view, keep=mask, prep=prep)
+    return net(view if prep is None else prep(view))
 
 
 def attend(
@@ -40,13 +47,15 @@ def attend(
     n: int,
     mode: str,
     generator: torch.Generator | None = None,
+    prep: Callable[[Tensor], Tensor] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """One attention level: logits (B,1,h,w), probs (B,K) and ``n`` sampled indices (B,n).
+    ``prep``: as in :func:`attention_logits`.
 
     ``n`` is capped at the cells with non-zero probability for samplers that draw distinct
     cells; counted on probs, not the mask, because an unsmoothed softmax can underflow to 0.
     """
-    logits = attention_logits(attention_net, view, mask)
+    logits = attention_logits(attention_net, view, mask, prep)
     probs = attention_distribution(logits, mask, smoothing)
     if mode != "with_replacement":
         n = min(n, int((probs > 0).sum(dim=1).min()))
@@ -298,7 +307,8 @@ class ATSModel(nn.Module):
         """Run the model on a batch.
 
         Args:
-            x_low: (B, C, h, w) low-resolution views.
+            x_low: (B, C, h, w) low-resolution views, float in [0, 1] or uint8 (converted
+                block by block, see :meth:`prep_view`).
             source: where patches come from; a (B, C, H, W) tensor is wrapped in a
                 :class:`TensorPatchSource` with this model's ``patch_size``.
             mask: optional bool (B, a_h, a_w) at attention resolution; True = may be sampled.
@@ -313,17 +323,23 @@ class ATSModel(nn.Module):
             source = TensorPatchSource(source, self.patch_size)
         mode = self.sampler if sampler is None else sampler
         n = self.n_patches if n_patches is None else int(n_patches)
-        view = (x_low - self.input_mean) / self.input_std if self.normalize else x_low
         if self.zoom is not None:
-            return self._zoom_forward(view, source, mask, n, mode, generator, feature_cache)
+            return self._zoom_forward(x_low, source, mask, n, mode, generator, feature_cache)
         logits, probs, indices = attend(
-            self.attention_net, view, mask, self.smoothing, n, mode, generator
+            self.attention_net, x_low, mask, self.smoothing, n, mode, generator, self.prep_view
         )
-        locations = self._mapping(view, source, logits).top_left(indices)
+        locations = self._mapping(x_low, source, logits).top_left(indices)
         patches, features = self._read(source, locations, feature_cache, x_low.device)
         baseline = None if self.baseline_momentum is None else self.feature_mean.clone()
         estimate = expectation(probs, features, indices, mode, baseline)
         return self._output(estimate, logits, probs, indices, locations, patches, features)
+
+    def prep_view(self, x: Tensor) -> Tensor:
+        """A view (or a block of one) as the attention nets take it: uint8 scaled to [0, 1],
+        then the model's normalisation. Elementwise, so blocks give the whole view's values."""
+        if not x.is_floating_point():
+            x = x.float().div_(255)
+        return (x - self.input_mean) / self.input_std if self.normalize else x
 
     def _mapping(self, view: Tensor, source: PatchSource, logits: Tensor) -> GridMapping:
         """Level 0's cells -> boxes of ``source.patch_size`` in the source's pixels."""
@@ -392,7 +408,7 @@ class ATSModel(nn.Module):
             raise ValueError(f"zoom-in sampling takes one sample at a time, got {view.shape[0]}")
         if not hasattr(source, "read_regions"):
             raise TypeError(f"{type(source).__name__} cannot read zoom-in regions")
-        logits = attention_logits(self.attention_net, view, mask)
+        logits = attention_logits(self.attention_net, view, mask, self.prep_view)
         flat_mask = None if mask is None else mask.reshape(1, -1)
         probs = attention_distribution(logits, flat_mask, self.smoothing)
         regions_of = RegionGrid(tuple(logits.shape[-2:]), zoom.region_cells, zoom.region_stride)
@@ -410,9 +426,7 @@ class ATSModel(nn.Module):
         out = (max(1, round(box[0] * scale)), max(1, round(box[1] * scale)))
         rviews = source.read_regions(top_left[None], box, out)[0].to(view.device)
         channels = view.shape[1]
-        rviews = rviews[:, :channels]
-        if self.normalize:
-            rviews = (rviews - self.input_mean) / self.input_std
+        rviews = self.prep_view(rviews[:, :channels])
         side = zoom.region_cells
         inner_logits = F.adaptive_avg_pool2d(self.zoom_net(rviews), (side, side))
         inner_probs = attention_distribution(

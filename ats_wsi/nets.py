@@ -204,6 +204,10 @@ def he_init_(module: nn.Module) -> nn.Module:
     return module
 
 
+def _identity(x: Tensor) -> Tensor:
+    return x
+
+
 class AttentionNet(nn.Sequential):
     """``nn.Sequential`` producing (B, 1, a_h, a_w) logits, with its ``receptive_field``.
 
@@ -236,7 +240,12 @@ class AttentionNet(nn.Sequential):
         return halo, stride
 
     def forward_blocks(
-        self, x: Tensor, block: int = 256, keep: Tensor | None = None, whole: int = 1024
+        self,
+        x: Tensor,
+        block: int = 256,
+        keep: Tensor | None = None,
+        whole: int = 1024,
+        prep: Callable[[Tensor], Tensor] | None = None,
     ) -> Tensor:
         """``self(x)`` computed on blocks of about ``block`` x ``block`` input pixels with a
         halo of real neighbours, so the activations of a whole slide's view are never held at
@@ -248,11 +257,15 @@ class AttentionNet(nn.Sequential):
         ``keep``: optional bool (B, h_out, w_out) of the output cells that matter (the tissue
         cells); a block with none is not computed and its cells are 0. Background is most of a
         slide's view, so this is most of the attention net's time on a whole slide.
+        ``prep``: an elementwise input preparation applied to each block (with its halo), so a
+        uint8 view is never held as float whole.
         """
         geo = self.tiling()
         h, w = x.shape[-2:]
+        if prep is None:
+            prep = _identity
         if geo is None or max(h, w) <= whole:
-            return self(x)
+            return self(prep(x))
         halo, s = geo
         pad = -(-halo // s) * s  # rounded up to whole output cells: pools stay aligned
         step = max(s, block // s * s)
@@ -267,7 +280,7 @@ class AttentionNet(nn.Sequential):
                 if keep is not None and not keep[..., y0 // s : y1 // s, x0 // s : x1 // s].any():
                     continue
                 ya, xa = max(0, y0 - pad), max(0, x0 - pad)
-                part = self(x[..., ya : min(h, y1 + pad), xa : min(w, x1 + pad)])
+                part = self(prep(x[..., ya : min(h, y1 + pad), xa : min(w, x1 + pad)]))
                 r, c = (y0 - ya) // s, (x0 - xa) // s
                 part = part[..., r : r + (y1 - y0) // s, c : c + (x1 - x0) // s]
                 if out is None:

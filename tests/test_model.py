@@ -207,3 +207,40 @@ def test_feature_net_that_normalises_itself_gets_raw_patches() -> None:
 def test_normalisation_needs_both_statistics() -> None:
     with pytest.raises(ValueError, match="both input_mean and input_std"):
         make_model(input_mean=0.5)
+
+
+def test_uint8_views_are_prepared_block_by_block() -> None:
+    """A uint8 view gives the float view's attention (scaled and normalised per block), in
+    one piece and block by block on a view above ``whole``, with tissue blocks skipped."""
+    from ats_wsi.nets import build_attention_net
+
+    torch.manual_seed(0)
+    model = ATSModel(
+        build_attention_net("tile_pool", pool=8),
+        build_feature_net("histology"),
+        2,
+        4,
+        32,
+        sampler="topk",
+        input_mean=[0.7, 0.5, 0.6],
+        input_std=[0.2, 0.25, 0.3],
+    ).eval()
+    gen = torch.Generator().manual_seed(1)
+    u8 = torch.randint(0, 256, (1, 3, 1096, 1040), dtype=torch.uint8, generator=gen)
+    high = torch.rand(1, 3, 1096, 1040, generator=gen)
+    mask = torch.zeros(1, 137, 130, dtype=torch.bool)
+    mask[0, 10:60, 5:40] = True
+    mask[0, 120:, 100:] = True
+    with torch.no_grad():
+        a = model(u8, high, mask)
+        b = model(u8.float() / 255, high, mask)
+        whole = model.attention_net(model.prep_view(u8))
+    torch.testing.assert_close(a.attention, b.attention, rtol=0, atol=0)
+    assert torch.equal(a.indices, b.indices)
+    kept = mask[0]
+    torch.testing.assert_close(
+        a.attention[0],
+        torch.softmax(torch.where(kept, whole[0, 0], -torch.inf).flatten(), 0).view_as(kept),
+        rtol=1e-5,
+        atol=1e-7,
+    )

@@ -225,8 +225,9 @@ def opened(slide: SlideInput, settings: SlideSettings) -> contextlib.AbstractCon
 
 
 def _view(item: LowResItem, model: nn.Module) -> Tensor:
-    """The item's view in [0, 1] with the channels the model takes."""
-    x = item.view()
+    """The item's view as uint8 (1, C, h, w) with the channels the model takes; the model
+    scales it block by block (:meth:`ats_wsi.model.ATSModel.prep_view`)."""
+    x = torch.from_numpy(np.ascontiguousarray(item.image.transpose(2, 0, 1)))[None]
     channels = getattr(model, "in_channels", None)
     return x if channels is None else x[:, :channels]
 
@@ -276,7 +277,7 @@ def baseline_slide_forward(
     model: nn.Module, item: LowResItem, settings: SlideSettings, device: torch.device
 ) -> Tensor:
     """One slide through the low-res-only baseline; returns logits (1, C)."""
-    x_low = _view(item, _core(model)).to(device)
+    x_low = _view(item, _core(model)).to(device).float().div_(255)
     mask = None
     if item.mask is not None and settings.min_tissue > 0:
         mask = torch.from_numpy(item.mask)[None].to(device)
