@@ -122,3 +122,25 @@ def test_mask_to_grid() -> None:
     assert mask_to_grid(ring, (4, 4), 0.01)[0].all()
     with pytest.raises(NoTissueError, match="s.svs"):
         mask_to_grid(np.zeros((8, 8), bool), (2, 2), slide="s.svs")
+
+
+def test_banded_grid_and_grey_equal_the_one_piece_formulas() -> None:
+    """mask_to_grid (bands of 512 mask columns) and the grey conversion (bands of 256 rows)
+    give exactly what the whole-array expressions give, on views wider and taller than a band
+    and cells that split pixels."""
+    from ats_wsi.io.tissue import _coverage, _grey
+
+    rng = np.random.default_rng(3)
+    for mh, mw, gh, gw, rf in [(1300, 1700, 131, 240, 3), (600, 1030, 75, 129, 0)]:
+        mask = rng.random((mh, mw)) < 0.3
+        ry = _coverage(mh, gh, rf / 2, mh - rf)
+        rx = _coverage(mw, gw, rf / 2, mw - rf)
+        area = ry.sum(1)[:, None] * rx.sum(1)[None, :]
+        fraction = (ry @ mask.astype(np.float64) @ rx.T) / np.maximum(area, 1e-12)
+        expected = (fraction >= 0.1) & (fraction > 0)
+        got = mask_to_grid(mask, (gh, gw), 0.1, receptive_field=rf)
+        assert np.array_equal(got, expected)
+        image = rng.integers(0, 256, (mh, mw, 3), dtype=np.uint8)
+        rgb = image.astype(np.float32)
+        grey = 0.299 * rgb[..., 0] + 0.587 * rgb[..., 1] + 0.114 * rgb[..., 2]
+        assert np.array_equal(_grey(image), np.clip(np.rint(grey), 0, 255).astype(np.uint8))
