@@ -4,7 +4,7 @@ Slides come from the realistic generator (:mod:`ats_wsi.slides.realistic_cohort`
 stamps, 1-3 tumour lesions, tissue outline of ``--tissue`` of the slide), ``--sizes`` pixels a
 side at each ``--mpp`` level-0 resolution (0.5: a 20x scan; 0.25: as 40x scanners write, the
 same generator with level 0 tagged 0.25 um/px, so textures keep their pixel scale), written
-strip by strip and cached under ``--cache-dir``. Every row runs in a fresh process
+block by block and cached under ``--cache-dir``. Every row runs in a fresh process
 (:mod:`ats_wsi.benchmarks.camelyon_worker`, :mod:`ats_wsi.benchmarks.slide_worker`) and
 reports its own peak RSS. Per slide and encoder (``--encoders``; presets without bundled
 weights run with random weights, cost only):
