@@ -45,11 +45,14 @@ class LowResItem:
     dimensions: tuple[int, int]
     mpp: tuple[float, float]
 
+    def pixels(self) -> Tensor:
+        """The view as uint8 (1, 3, h, w), channels first."""
+        return torch.from_numpy(np.ascontiguousarray(self.image.transpose(2, 0, 1)))[None]
+
     def view(self) -> Tensor:
         """The view as float (1, 3, h, w) in [0, 1], as :func:`low_res_view` returns it."""
-        x = torch.from_numpy(np.ascontiguousarray(self.image.transpose(2, 0, 1)))[None]
         # In place: a 100k px slide's view is 113 MB as float; "/ 255" would hold it twice.
-        return x.float().div_(255)
+        return self.pixels().float().div_(255)
 
 
 @dataclass(frozen=True)

@@ -227,7 +227,7 @@ def opened(slide: SlideInput, settings: SlideSettings) -> contextlib.AbstractCon
 def _view(item: LowResItem, model: nn.Module) -> Tensor:
     """The item's view as uint8 (1, C, h, w) with the channels the model takes; the model
     scales it block by block (:meth:`ats_wsi.model.ATSModel.prep_view`)."""
-    x = torch.from_numpy(np.ascontiguousarray(item.image.transpose(2, 0, 1)))[None]
+    x = item.pixels()
     channels = getattr(model, "in_channels", None)
     return x if channels is None else x[:, :channels]
 
